@@ -1,0 +1,91 @@
+"""Command line: `evomerge merge`, ... User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evolutionary merge search for LLMs.")
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="mergekit (or evomerge) merge YAML.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output model directory (must not exist unless --force).")],
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N: where the math runs.")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="Output dtype (float32, bfloat16, float16).")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load .bin/.pt checkpoints (weights_only=True).")
+    ] = False,
+    truncate_vocab: Annotated[
+        bool, typer.Option("--truncate-vocab", help="Merge embeddings over the common vocabulary prefix.")
+    ] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT_DIR.")] = False,
+) -> None:
+    """Merge models as CONFIG describes into OUT_DIR (streamed, one tensor at a time)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.errors import EvomergeError
+    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.mergekit_io import load_recipe
+
+    try:
+        shard_bytes = _parse_size(max_shard_size)
+    except ValueError:
+        _fail(f"--max-shard-size: cannot parse {max_shard_size!r} (e.g. 2GB, 500MB)")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"--device {device}: CUDA is not available on this machine")
+    columns = (TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("merge", total=None)
+        try:
+            recipe = load_recipe(config)
+            out = merge_to_dir(
+                recipe,
+                out_dir,
+                device=device,
+                dtype=dtype,
+                allow_pickle=allow_pickle,
+                truncate_vocab=truncate_vocab,
+                max_shard_bytes=shard_bytes,
+                overwrite=force,
+                on_plan=lambda p: progress.update(task, total=len(p.jobs)),
+                on_tensor=lambda _job: progress.advance(task),
+            )
+        except EvomergeError as e:
+            _fail(str(e))
+    print(f"merged model written to {out}")
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m evomerge`
+    sys.exit(app())

@@ -1,0 +1,454 @@
+"""Apply a Recipe: streamed to an output directory, or in place into a resident model.
+
+One planner serves both. `plan()` turns a Recipe and the sources' metadata into a list of `TensorJob`s
+(output name, input tensors, resolved parameters) without reading tensor data, so a bad recipe fails
+before anything is computed or written. `merge_tensor()` runs one job in fp32 on the inputs' device.
+
+- `merge_to_dir()` streams jobs to sharded safetensors: each shard's header is written first (the plan
+  knows every output shape and dtype), then tensors one by one, so memory holds one job's inputs at a time.
+  Everything goes to a temp dir beside the target, renamed at the end; a failure leaves nothing behind.
+- `ResidentPool` + `apply_in_place()` is what a search worker does per candidate: sources stay loaded on
+  the device and the target model's parameters are overwritten with `copy_`, no new model is allocated.
+
+Layer structure follows mergekit: `models:` is one slice over all layers of every model (the base added
+when not listed); tensors outside decoder layers use position u = 0 and the first (embeddings) or last
+(norm, head) slice's sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.checkpoints import (
+    SAFETENSORS_DTYPES,
+    Source,
+    check_architectures,
+    common_vocab_rows,
+    open_source,
+)
+from evomerge.errors import CheckpointError, ConfigError, EvomergeError, MergeError, ShapeMismatchError
+from evomerge.merge.methods import METHODS, Method
+from evomerge.merge.recipe import Recipe, Slice, SliceSource, resolve
+
+LAYER = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")  # fmt: skip
+
+
+def parse_dtype(name: str | None, where: str = "dtype") -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"{where}: unknown dtype {name!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its inputs come from and the method's resolved parameters."""
+
+    name: str
+    inputs: tuple[tuple[str, str], ...]  # (model ref, tensor name), all inputs in order
+    base_index: int | None  # position of the base among inputs
+    method: str
+    params: dict[str, Any] = field(hash=False)
+    per_source: dict[str, tuple[Any, ...]] = field(hash=False)  # aligned with the method's `tensors`
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32  # output dtype
+    vocab_rows: int | None = None  # truncate the vocabulary axis to this many rows
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    jobs: list[TensorJob]
+    config: dict[str, Any]  # output config.json
+    tokenizer_source: str | None
+
+
+def _pylist_key(name: str) -> str:
+    return "lambda_" if name == "lambda" else name
+
+
+def _split_layer(name: str) -> tuple[str, int, str] | None:
+    m = LAYER.match(name)
+    return (m["prefix"], int(m["idx"]), m["rest"]) if m else None
+
+
+def _layer_suffixes(src: Source, layer: int) -> list[tuple[str, str]]:
+    """(prefix, rest) of every tensor of one decoder layer, in checkpoint order."""
+    out = []
+    for name in src.tensors:
+        parts = _split_layer(name)
+        if parts and parts[1] == layer:
+            out.append((parts[0], parts[2]))
+    return out
+
+
+def _normalize_slices(recipe: Recipe, sources: Mapping[str, Source]) -> list[Slice]:
+    """`models:` -> one slice over all layers of every model (base appended when absent), as mergekit."""
+    if recipe.slices is not None:
+        return recipe.slices
+    refs = [m.model for m in recipe.models or []]
+    entries = [(m.model, m.parameters) for m in recipe.models or []]
+    if recipe.base_model and recipe.base_model not in refs:
+        entries.append((recipe.base_model, None))
+    out = []
+    for ref, params in entries:
+        n = sources[ref].num_layers
+        if n is None:
+            n = 1 + max((p[1] for p in map(_split_layer, sources[ref].tensors) if p), default=-1)
+        out.append(SliceSource(model=ref, layer_range=(0, max(n, 1)), parameters=params))
+    return [Slice(sources=out)]
+
+
+def _check_contract(method: Method, refs: list[str], base: str | None, where: str) -> None:
+    if len(set(refs)) != len(refs):
+        raise ConfigError(f"{where}: a model is listed twice")
+    if base is not None and base not in refs and method.base != "input":
+        raise ConfigError(f"{where}: base_model {base} is not among the slice's sources")
+    has_base = base is not None and base in refs and method.base != "input"
+    if method.base == "required" and not has_base:
+        raise ConfigError(f"{where}: method {method.name!r} needs a base_model")
+    n = len(refs) - int(has_base)
+    if n < method.min_sources or (method.max_sources is not None and n > method.max_sources):
+        want = (
+            f"exactly {method.min_sources}"
+            if method.max_sources == method.min_sources
+            else f"at least {method.min_sources}"
+            + (f" and at most {method.max_sources}" if method.max_sources else "")
+        )
+        raise ConfigError(f"{where}: method {method.name!r} takes {want} non-base models (got {n})")
+
+
+def _job(
+    recipe: Recipe,
+    method: Method,
+    out_name: str,
+    slice_: Slice,
+    in_names: list[str],
+    u: float,
+    sources: Mapping[str, Source],
+    out_dtype: torch.dtype | None,
+    truncate_vocab: bool,
+) -> TensorJob:
+    """Resolve one output tensor's parameters and check its inputs' shapes."""
+    refs = [s.model for s in slice_.sources]
+    base = slice_.base_model or recipe.base_model
+    base_index = refs.index(base) if base in refs else None
+    tensor_inputs = [i for i in range(len(refs)) if method.base == "input" or i != base_index]
+    for ref, name in zip(refs, in_names):
+        if name not in sources[ref].tensors:
+            raise ShapeMismatchError(f"{ref}: tensor {name} is missing (present in the other sources)")
+    infos = [sources[ref].tensors[name] for ref, name in zip(refs, in_names)]
+    vocab_rows = common_vocab_rows(out_name, dict(zip(refs, (i.shape for i in infos))), truncate_vocab)
+    shared_scopes = [slice_.parameters, recipe.parameters]
+    params: dict[str, Any] = {}
+    per_source: dict[str, tuple[Any, ...]] = {}
+    for p in method.params:
+        if p.per_source:
+            values = []
+            for i in tensor_inputs:
+                where = f"{refs[i]}: {in_names[i]}"
+                v = resolve([slice_.sources[i].parameters, *shared_scopes], p.name, in_names[i], u)
+                if v is None and p.required:
+                    raise ConfigError(f"missing required parameter {p.name!r} for {where}")
+                values.append(p.validate(p.default if v is None else v, where))
+            per_source[_pylist_key(p.name)] = tuple(values)
+        else:
+            v = resolve(shared_scopes, p.name, out_name, u)
+            if v is None and p.required:
+                raise ConfigError(f"missing required parameter {p.name!r} for {out_name}")
+            params[_pylist_key(p.name)] = p.validate(p.default if v is None else v, out_name)
+    shape = list(infos[base_index if base_index is not None else 0].shape)
+    if vocab_rows is not None:
+        shape[0] = vocab_rows
+    first = infos[base_index if base_index is not None else 0]
+    dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
+    seed_text = f"{recipe.random_seed or 0}:{out_name}"
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return TensorJob(out_name, tuple(zip(refs, in_names)), base_index, method.name, params, per_source,
+                     tuple(shape), dtype, vocab_rows, seed)  # fmt: skip
+
+
+def plan(
+    recipe: Recipe,
+    sources: Mapping[str, Source],
+    *,
+    out_dtype: torch.dtype | None = None,
+    truncate_vocab: bool = False,
+) -> Plan:
+    """Every output tensor of the merge, with resolved parameters; reads no tensor data."""
+    method = METHODS.get(recipe.merge_method)
+    check_architectures(sources)
+    out_dtype = out_dtype or parse_dtype(recipe.out_dtype, "out_dtype") or parse_dtype(recipe.dtype)
+    slices = _normalize_slices(recipe, sources)
+    for i, s in enumerate(slices):
+        _check_contract(
+            method, [src.model for src in s.sources], s.base_model or recipe.base_model, f"slices[{i}]"
+        )
+    first_src = sources[slices[0].sources[0].model]
+    jobs: list[TensorJob] = []
+
+    def outside_layers(pre: bool) -> None:
+        slice_ = slices[0] if pre else slices[-1]
+        anchor = sources[(slice_.base_model or recipe.base_model or slice_.sources[0].model)]
+        for name in anchor.tensors:
+            if _split_layer(name) is None and bool(PRE_LAYER.search(name)) == pre:
+                jobs.append(_job(recipe, method, name, slice_, [name] * len(slice_.sources), 0.0, sources,
+                                 out_dtype, truncate_vocab))  # fmt: skip
+
+    outside_layers(pre=True)
+    out_layer = 0
+    for s in slices:
+        length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+        for j in range(length):
+            u = j / (length - 1) if length > 1 else 1.0
+            first = s.sources[0]
+            suffixes = _layer_suffixes(sources[first.model], first.layer_range[0] + j)
+            if not suffixes:
+                raise ConfigError(
+                    f"{first.model}: has no layer {first.layer_range[0] + j} (layer_range {list(first.layer_range)})"
+                )
+            for prefix, rest in suffixes:
+                in_names = [f"{prefix}.{src.layer_range[0] + j}.{rest}" for src in s.sources]
+                jobs.append(_job(recipe, method, f"{prefix}.{out_layer}.{rest}", s, in_names, u, sources,
+                                 out_dtype, truncate_vocab))  # fmt: skip
+            out_layer += 1
+    outside_layers(pre=False)
+
+    config = dict(first_src.config)
+    base_ref = recipe.base_model or slices[0].sources[0].model
+    config = dict(sources[base_ref].config) if base_ref in sources else config
+    if any(_split_layer(n) for n in first_src.tensors):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                config[key] = out_layer
+    vocab = [j.vocab_rows for j in jobs if j.vocab_rows is not None]
+    if vocab and "vocab_size" in config:
+        config["vocab_size"] = min(vocab)
+    if out_dtype is not None:
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).removeprefix("torch.")
+    return Plan(jobs, config, recipe.tokenizer_source or base_ref)
+
+
+def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+    """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error."""
+    raw = [read(ref, name) for ref, name in job.inputs]
+    if job.vocab_rows is not None:
+        raw = [t[: job.vocab_rows] for t in raw]
+    anchor = raw[job.base_index if job.base_index is not None else 0]
+    if not anchor.is_floating_point():
+        return anchor.clone()
+    method = METHODS.get(job.method)
+    tensors = [t for i, t in enumerate(raw) if method.base == "input" or i != job.base_index]
+    base = raw[job.base_index].float() if job.base_index is not None and method.base != "input" else None
+    stacked = (
+        torch.stack([t.float() for t in tensors]) if tensors else anchor.float().new_empty((0, *anchor.shape))
+    )
+    gen = None
+    if method.random:
+        gen = torch.Generator(device=anchor.device).manual_seed(job.seed)
+    try:
+        out = method.fn(base, stacked, gen=gen, **job.params, **job.per_source)
+    except MergeError as e:
+        raise MergeError(f"{job.name}: {e}") from None
+    if not torch.isfinite(out).all():
+        raise MergeError(
+            f"{job.name}: method {job.method} produced NaN or Inf (check the sources and parameters)"
+        )
+    return out.to(job.dtype)
+
+
+def open_recipe_sources(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Source]:
+    """Open every model the recipe references (lazily: headers only)."""
+    return {
+        ref: open_source(ref, base=recipe.base_model, allow_pickle=allow_pickle)
+        for ref in recipe.referenced_models()
+    }
+
+
+# ------------------------------------------------------------------------------------- streaming
+
+
+_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _shards(jobs: list[TensorJob], max_bytes: int) -> list[list[TensorJob]]:
+    shards: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        nbytes = _nbytes(job)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(job)
+        size += nbytes
+    return shards
+
+
+def _nbytes(job: TensorJob) -> int:
+    n = 1
+    for d in job.shape:
+        n *= d
+    return n * torch.empty((), dtype=job.dtype).element_size()
+
+
+def _write_shard(file: Path, jobs: list[TensorJob], produce: Callable[[TensorJob], torch.Tensor]) -> None:
+    """Write a safetensors file header-first, then each tensor as it is computed."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for job in jobs:
+        n = _nbytes(job)
+        header[job.name] = {
+            "dtype": _DTYPE_CODES[job.dtype],
+            "shape": list(job.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for job in jobs:
+            t = produce(job).contiguous().cpu()
+            assert tuple(t.shape) == job.shape and t.dtype == job.dtype, job.name
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _copy_side_files(plan_: Plan, sources: Mapping[str, Source], out: Path) -> None:
+    (out / "config.json").write_text(json.dumps(plan_.config, indent=2) + "\n")
+    tok = plan_.tokenizer_source
+    src = sources[tok].path if tok in sources else Path(tok)
+    if tok not in sources and not src.is_dir():
+        raise ConfigError(f"tokenizer_source: {tok} is not a model directory")
+    if hasattr(sources.get(tok), "base"):  # a LoRA source: the tokenizer lives with its base
+        src = sources[tok].base.path
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+
+
+def merge_to_dir(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    truncate_vocab: bool = False,
+    max_shard_bytes: int = 5 * 1024**3,
+    overwrite: bool = False,
+    on_tensor: Callable[[TensorJob], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> Path:
+    """Stream a merge into an HF model directory (sharded safetensors, config, tokenizer)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: output directory already exists (use --force to replace it)")
+    sources = open_recipe_sources(recipe, allow_pickle=allow_pickle)
+    plan_ = plan(recipe, sources, out_dtype=parse_dtype(dtype, "--dtype"), truncate_vocab=truncate_vocab)
+    if on_plan:
+        on_plan(plan_)
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise ConfigError(f"{out}: parent directory {parent} does not exist")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot write to {parent} ({e.strerror})") from None
+
+    def produce(job: TensorJob) -> torch.Tensor:
+        t = merge_tensor(job, lambda ref, name: sources[ref].read(name, device))
+        if on_tensor:
+            on_tensor(job)
+        return t
+
+    try:
+        shards = _shards(plan_.jobs, max_shard_bytes)
+        if len(shards) == 1:
+            _write_shard(tmp / "model.safetensors", shards[0], produce)
+        else:
+            weight_map = {}
+            for i, jobs in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                _write_shard(tmp / fname, jobs, produce)
+                weight_map.update({j.name: fname for j in jobs})
+            total = sum(_nbytes(j) for j in plan_.jobs)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(plan_, sources, tmp)
+        from evomerge.merge.mergekit_io import dump_recipe_yaml
+
+        (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(recipe))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, EvomergeError):
+            raise CheckpointError(f"{out}: write failed ({e.strerror or e})") from None
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------------- in place
+
+
+class ResidentPool:
+    """The sources of a search, loaded once onto a device (stored dtype), for in-place candidates."""
+
+    def __init__(self, sources: Mapping[str, Source], device: str | torch.device = "cpu") -> None:
+        self.sources = dict(sources)
+        self.device = torch.device(device)
+        self.tensors = {
+            ref: {n: src.read(n, self.device) for n in src.tensors} for ref, src in self.sources.items()
+        }
+
+    @classmethod
+    def from_refs(cls, refs: Iterable[str], *, base: str | None = None, device: str = "cpu",
+                  allow_pickle: bool = False) -> ResidentPool:  # fmt: skip
+        return cls({r: open_source(r, base=base, allow_pickle=allow_pickle) for r in refs}, device)
+
+    def read(self, ref: str, name: str) -> torch.Tensor:
+        try:
+            return self.tensors[ref][name]
+        except KeyError:
+            raise ConfigError(f"{ref}: not in the resident pool (pool: {', '.join(self.tensors)})") from None
+
+
+@torch.no_grad()
+def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -> Plan:
+    """Overwrite `model`'s parameters (and buffers) with the merge `recipe` describes; no allocation of
+    a new model. Every recipe tensor must exist in the model with the same shape."""
+    unknown = [r for r in recipe.referenced_models() if r not in pool.sources]
+    if unknown:
+        raise ConfigError(f"recipe uses {unknown[0]}, which is not in the resident pool")
+    plan_ = plan(recipe, pool.sources)
+    targets = model.state_dict(keep_vars=True)
+    for job in plan_.jobs:
+        target = targets.get(job.name)
+        if target is None:
+            raise ShapeMismatchError(f"target model has no tensor {job.name}")
+        if tuple(target.shape) != job.shape:
+            raise ShapeMismatchError(
+                f"{job.name}: target model shape {tuple(target.shape)}, merge gives {job.shape}"
+            )
+        target.data.copy_(merge_tensor(job, pool.read))
+    return plan_

@@ -1,0 +1,706 @@
+"""Merge methods: one pure function per method over fp32 tensors, plus the registry.
+
+Every function has the shape ``f(base, tensors, *, gen, **params) -> Tensor`` where ``base`` is the base
+model's tensor (or None) and ``tensors`` is ``[k, *shape]``: the k inputs stacked. Which inputs are in
+``tensors`` depends on the method's ``base`` policy (see ``Method``). Per-source parameters arrive as
+tuples of k floats, global ones as scalars. No I/O, no logging, no globals: the engine owns all that.
+
+Formulas follow ALGORITHMS.md section 2 and, for every method mergekit 0.1.5 also has, mergekit's
+behaviour (tests compare the two). Tie rules are stated where they matter.
+
+| method            | base     | per source                    | global                                   |
+|-------------------|----------|-------------------------------|------------------------------------------|
+| linear            | input    | weight                        | normalize=True                           |
+| task_arithmetic   | required | weight                        | lambda=1, normalize=False                |
+| ties              | required | weight, density=1             | lambda=1, normalize=True                 |
+| dare_ties         | required | weight, density=1             | lambda=1, normalize=False, rescale=True  |
+| dare_linear       | required | weight, density=1             | lambda=1, normalize=False, rescale=True  |
+| breadcrumbs(_ties)| required | weight, density=1, gamma=0.01 | lambda=1, normalize=False, rescale=False |
+| della(_linear)    | required | weight, density=1, eps=0.15   | lambda=1, normalize=True(False), rescale |
+| sce               | required | -                             | select_topk=1                            |
+| model_stock       | required | -                             | filter_wise=False                        |
+| slerp             | required | -                             | t                                        |
+| nuslerp           | optional | weight                        | nuslerp_flatten=True, nuslerp_row_wise   |
+| multislerp        | optional | weight                        | normalize_weights=True, eps=1e-8         |
+| karcher           | input    | -                             | max_iter=10, tol=1e-5                    |
+| passthrough       | input    | scale=None                    | -                                        |
+| tsv_m, iso_c      | required | -                             | alpha=1  (not in mergekit)               |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from evomerge.errors import ConfigError, MergeError
+from evomerge.registry import Registry
+
+_RESCALE_ALIASES = {True: "l1", False: "none", "true": "l1", "false": "none"}
+"""mergekit writes `rescale: true|false`; evomerge also accepts l1 | inverse_density | none."""
+
+REQUIRED: Any = object()
+"""Sentinel default of a parameter that the recipe must give."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a method declares, so a recipe can be checked before any tensor is read."""
+
+    name: str
+    kind: type = float
+    per_source: bool = False
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce a resolved scalar to the declared kind and check its range; errors name `where`."""
+        if value is None and not self.required and self.default is None:
+            return None
+        try:
+            if self.kind is bool:
+                if isinstance(value, str):
+                    value = {"true": True, "false": False}[value.lower()]
+                value = bool(value)
+            elif self.kind is str:
+                value = _RESCALE_ALIASES.get(value, value) if self.name == "rescale" else value
+                value = str(value)
+            else:
+                if isinstance(value, bool):
+                    raise TypeError
+                value = self.kind(float(value)) if self.kind is int else float(value)
+        except (TypeError, ValueError, KeyError):
+            raise ConfigError(
+                f"{where}: parameter {self.name!r} must be {self.kind.__name__} (got {value!r})"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(
+                f"{where}: parameter {self.name!r} must be one of {', '.join(self.choices)} (got {value!r})"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: parameter {self.name!r} must be finite (got {value})")
+        if self.low is not None and value < self.low:
+            raise ConfigError(f"{where}: parameter {self.name!r} must be >= {self.low} (got {value})")
+        if self.high is not None and value > self.high:
+            raise ConfigError(f"{where}: parameter {self.name!r} must be <= {self.high} (got {value})")
+        return value
+
+
+BasePolicy = Literal["required", "optional", "input"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry row. `base`: required = base passed apart, `tensors` = the other inputs;
+    optional = the same when a base is given; input = the base is one of `tensors` like any model."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    params: tuple[Param, ...]
+    base: BasePolicy
+    min_sources: int = 1
+    max_sources: int | None = None
+    random: bool = False
+    in_mergekit: bool = True
+    url: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+METHODS: Registry[Method] = Registry("merge method")
+
+
+def _per_source(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """Per-source scalars as a [k, 1, 1, ...] tensor that broadcasts over a stacked [k, *shape]."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+# --------------------------------------------------------------------------------------- sparsification
+
+
+def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k largest entries of a flat tensor; equal values keep the lower index.
+
+    O(n) via kthvalue instead of a full sort; the tie rule matches a stable descending argsort.
+    """
+    n = magnitude.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    threshold = magnitude.kthvalue(n - k + 1).values
+    mask = magnitude > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[(magnitude == threshold).nonzero().flatten()[:missing]] = True
+    return mask
+
+
+def rescale_to_norm(original: Tensor, masked: Tensor, rescale: bool | str, density: float | Tensor) -> Tensor:
+    """Rescale a sparsified delta: l1 (mergekit; matches the L1 norm, skipped when a norm is < 1e-7),
+    inverse_density (DARE/DELLA papers: divide by the keep probability) or none."""
+    mode = {True: "l1", False: "none"}.get(rescale, rescale) if isinstance(rescale, bool) else rescale
+    if mode == "none":
+        return masked
+    if mode == "inverse_density":
+        return masked / density
+    before, after = original.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude_prune(delta: Tensor, density: float) -> Tensor:
+    """TIES trim: keep the max(1, floor(d*n)) largest |delta| entries (d <= 0 drops the delta, d >= 1 keeps all)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    return delta * top_k_mask(delta.abs().flatten(), k).view_as(delta)
+
+
+def bernoulli_prune(
+    delta: Tensor, density: float, rescale: bool | str, gen: torch.Generator | None
+) -> Tensor:
+    """DARE: keep each entry with probability d, then rescale."""
+    if density >= 1:
+        return delta
+    keep = torch.bernoulli(torch.full_like(delta, density), generator=gen)
+    return rescale_to_norm(delta, delta * keep, rescale, density)
+
+
+def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool | str) -> Tensor:
+    """Model Breadcrumbs: drop the top gamma fraction and the smallest entries, keep floor(d*n) in between.
+
+    n_top = floor(gamma*n), n_keep = floor(d*n), n_bot = max(0, n - n_keep - n_top); the kept band is
+    [n_bot, n_bot + n_keep) of a stable ascending sort of |delta| (explicit end, not mergekit's old -0 slice).
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - n_keep - n_top)
+    order = torch.sort(delta.abs().flatten(), stable=True).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[n_bot : n_bot + n_keep]] = 1
+    return rescale_to_norm(delta, delta * mask.view_as(delta), rescale, density)
+
+
+def della_prune(
+    delta: Tensor, density: float, epsilon: float, rescale: bool | str, gen: torch.Generator | None
+) -> Tensor:
+    """DELLA MagPrune: per row, keep probability rises linearly with the magnitude rank from d-eps to d+eps.
+
+    1-D tensors are one row; >2-D tensors are ranked over rows of the flattened trailing dims. A row of
+    one element gets rank 0.5 (keep probability d).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise MergeError(
+            f"della: density +/- epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})"
+        )
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.view(1, -1)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(rows.dtype)
+    width = rows.shape[1] - 1
+    rank_norm = ranks / width if width > 0 else torch.full_like(rows, 0.5)
+    keep_prob = (density - epsilon) + 2 * epsilon * rank_norm
+    keep = torch.bernoulli(keep_prob, generator=gen)
+    scale = keep_prob.view_as(delta) if rescale == "inverse_density" else density
+    return rescale_to_norm(delta, (rows * keep).view_as(delta), rescale, scale)
+
+
+def sign_agreement(deltas: Tensor, consensus: str = "sum") -> Tensor:
+    """TIES election: majority sign per element (`sum` of values or `count` of signs; 0 elects +1),
+    then a mask of the entries that agree with it (zeros never agree)."""
+    signs = deltas.sign()
+    votes = deltas.sum(0) if consensus == "sum" else signs.sum(0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
+    return signs == elected
+
+
+# ----------------------------------------------------------------------------------------- methods
+
+
+def linear(
+    base: Tensor | None, tensors: Tensor, *, weight: tuple[float, ...], normalize: bool = True, **_: Any
+) -> Tensor:
+    """Model soup (Wortsman et al. 2022): sum_i w_i theta_i, divided by sum_i w_i when normalize."""
+    total = sum(weight)
+    if normalize and abs(total) < 1e-8:
+        raise MergeError(
+            f"linear: weights sum to {total}; cannot normalize (set normalize: false or change weights)"
+        )
+    merged = (tensors * _per_source(weight, tensors)).sum(0)
+    return merged / total if normalize else merged
+
+
+def task_arithmetic_family(
+    base: Tensor,
+    tensors: Tensor,
+    *,
+    weight: tuple[float, ...],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    density: tuple[float, ...] | None = None,
+    gamma: tuple[float, ...] | None = None,
+    epsilon: tuple[float, ...] | None = None,
+    rescale: bool | str = False,
+    sparsify: str | None = None,
+    consensus: str | None = None,
+    gen: torch.Generator | None = None,
+    **_: Any,
+) -> Tensor:
+    """Task arithmetic with optional sparsification (TIES/DARE/breadcrumbs/DELLA) and sign election.
+
+    theta = theta0 + lambda * sum_i a_i w_i tau~_i / (sum_i a_i w_i if normalize), where tau~ is the sparsified
+    task vector and a_i the agreement mask (all ones without election). The election uses the weighted
+    deltas, so a negative weight flips a model's vote. A zero divisor is replaced by 1.
+    """
+    if tensors.shape[0] == 0:
+        return base
+    deltas = tensors - base
+    if sparsify is not None:
+        for i in range(deltas.shape[0]):
+            d = density[i]
+            if sparsify == "magnitude":
+                deltas[i] = magnitude_prune(deltas[i], d)
+            elif sparsify == "random":
+                deltas[i] = bernoulli_prune(deltas[i], d, rescale, gen)
+            elif sparsify == "magnitude_outliers":
+                deltas[i] = breadcrumbs_prune(deltas[i], d, gamma[i], rescale)
+            else:
+                deltas[i] = della_prune(deltas[i], d, epsilon[i], rescale, gen)
+    w = _per_source(weight, deltas)
+    deltas.mul_(w)
+    if consensus is not None:
+        mask = sign_agreement(deltas, consensus).to(deltas.dtype)
+        merged = (deltas * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = deltas.sum(0)
+        divisor = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
+    if normalize:
+        merged = merged / divisor
+    return base + lambda_ * merged
+
+
+def slerp(base: Tensor, tensors: Tensor, *, t: float, **_: Any) -> Tensor:
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1), one angle per tensor.
+
+    Nearly parallel or anti-parallel pairs (|cos| > 0.9995) fall back to linear interpolation; norms below
+    1e-8 are treated as 1 so zero tensors do not produce NaN.
+    """
+    v0, v1 = base.flatten(), tensors[0].flatten()
+    n0, n1 = v0.norm(), v1.norm()
+    n0 = torch.where(n0 > 1e-8, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > 1e-8, n1, torch.ones_like(n1))
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        return ((1 - t) * v0 + t * v1).view_as(base)
+    theta = torch.acos(dot)
+    s0, s1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    return (s0 * v0 + s1 * v1).view_as(base)
+
+
+def _slerp_along(t: float, v0: Tensor, v1: Tensor, dim: int, flatten: bool) -> Tensor:
+    """SLERP of two tensors with one angle per vector along `dim` (or per tensor when `flatten`)."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
+
+
+def nuslerp(
+    base: Tensor | None,
+    tensors: Tensor,
+    *,
+    weight: tuple[float, float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+    **_: Any,
+) -> Tensor:
+    """NuSLERP: t = w_b/(w_a + w_b) (0.5 if the sum is ~0); with a base, SLERP the two task vectors."""
+    total = weight[0] + weight[1]
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    dim = 0 if nuslerp_row_wise else -1
+    if base is None:
+        return _slerp_along(t, tensors[0], tensors[1], dim, nuslerp_flatten)
+    return base + _slerp_along(t, tensors[0] - base, tensors[1] - base, dim, nuslerp_flatten)
+
+
+def multislerp(
+    base: Tensor | None,
+    tensors: Tensor,
+    *,
+    weight: tuple[float, ...],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    **_: Any,
+) -> Tensor:
+    """Barycentric interpolation on the hypersphere: map the unit vectors to the tangent space at their
+    weighted mean, average there, map back with the exponential map, rescale to the weighted mean norm.
+    With a base, works on task vectors. Exactly antipodal inputs with balancing weights are an error
+    (two inputs fall back to linear interpolation)."""
+    if tensors.shape[0] == 1:
+        return tensors[0]
+    vecs = tensors - base if base is not None else tensors
+    flat = vecs.reshape(vecs.shape[0], -1)
+    w = torch.tensor(weight, dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    if mean.norm() < eps:
+        if flat.shape[0] != 2:
+            raise MergeError(
+                "multislerp: the weighted mean of the inputs is zero (antipodal inputs); change weights"
+            )
+        out = (flat[0] * w[0] + flat[1] * w[1]).view(vecs.shape[1:])
+        return out + base if base is not None else out
+    mean = mean / mean.norm()
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w[:, None]).sum(0)
+    tnorm = tangent.norm() + eps
+    out = (mean * torch.cos(tnorm) + tangent * (torch.sin(tnorm) / tnorm)) * (norms.squeeze(-1) * w).sum()
+    out = out.view(vecs.shape[1:])
+    return out + base if base is not None else out
+
+
+def karcher(
+    base: Tensor | None, tensors: Tensor, *, max_iter: int = 10, tol: float = 1e-5, **_: Any
+) -> Tensor:
+    """Karcher (Riemannian) mean on the unit sphere with equal weights, rescaled by the mean norm.
+
+    Models with norm <= tol are left out of the direction but count (as 0) in the output norm.
+    """
+    k = tensors.shape[0]
+    if k == 1:
+        return tensors[0]
+    flat = tensors.reshape(k, -1)
+    norms = flat.norm(dim=1)
+    valid = [i for i in range(k) if norms[i] > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    units = flat[valid] / norms[valid, None]
+    alphas = torch.full((len(valid),), 1.0 / len(valid), dtype=flat.dtype, device=flat.device)
+    mean = (alphas[:, None] * units).sum(0)
+    mean = units[0].clone() if mean.norm() < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        cos = (units @ mean).clamp(-1, 1)
+        phi = torch.acos(cos)
+        moving = phi >= tol
+        if not bool(moving.any()):
+            break
+        factor = torch.where(
+            moving, alphas * phi / torch.sin(torch.where(moving, phi, torch.ones_like(phi))), 0
+        )
+        tangent = (factor[:, None] * (units - cos[:, None] * mean[None, :])).sum(0)
+        tnorm = tangent.norm()
+        if tnorm < tol:
+            break
+        mean = torch.cos(tnorm) * mean + torch.sin(tnorm) * tangent / tnorm
+        if mean.norm() > tol:
+            mean = mean / mean.norm()
+    return (norms.sum() / k * mean).view_as(tensors[0])
+
+
+def sce(base: Tensor, tensors: Tensor, *, select_topk: float = 1.0, **_: Any) -> Tensor:
+    """SCE (FuseChat 2.0): select high-variance positions, per-model weights from mean squared delta,
+    erase entries that disagree with the elected sign."""
+    if tensors.shape[0] == 0:
+        return base
+    deltas = tensors - base
+    if select_topk < 1:
+        if select_topk <= 0:
+            deltas = deltas * 0
+        else:
+            var = deltas.var(0, unbiased=False).flatten()
+            k = int(int(torch.count_nonzero(var)) * select_topk)
+            deltas = deltas * top_k_mask(var.abs(), k).view(deltas.shape[1:]).to(deltas.dtype)
+    mask = sign_agreement(deltas, "sum").to(deltas.dtype)
+    energy = deltas.square().reshape(deltas.shape[0], -1).mean(1)
+    total = float(energy.sum())
+    c = torch.full_like(energy, 1 / len(energy)) if abs(total) < 1e-6 else energy / total
+    c = c.view(-1, *([1] * (deltas.dim() - 1))) * mask
+    return base + (deltas * c).sum(0) / c.sum(0).clamp(min=1e-6)
+
+
+def model_stock(
+    base: Tensor, tensors: Tensor, *, filter_wise: bool = False, clamp_t: bool = False, **_: Any
+) -> Tensor:
+    """Model Stock (Jang et al. 2024): t = K cos / (1 + (K-1) cos) from the mean pairwise cosine of the
+    offsets; theta = t * mean_i theta_i + (1 - t) * theta0. A singular denominator keeps the base.
+    `clamp_t` (evomerge extension) clamps t to [0, 1] for anti-correlated offsets."""
+    k = tensors.shape[0]
+    if k < 2:
+        raise MergeError(f"model_stock needs a base and at least 2 other models (got {k})")
+    shape = base.shape
+    if filter_wise:
+        w0 = base if base.dim() > 1 else base.unsqueeze(0)
+        ws = tensors if base.dim() > 1 else tensors.unsqueeze(1)
+    else:
+        w0, ws = base.reshape(-1), tensors.reshape(k, -1)
+    offsets = ws - w0
+    norms = offsets.norm(dim=-1)
+    cosines = [
+        ((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    denom = 1 + (k - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(
+        singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(denom), denom)
+    )
+    if clamp_t:
+        t = t.clamp(0, 1)
+    return (t * ws.mean(0) + (1 - t) * w0).reshape(shape)
+
+
+def passthrough(
+    base: Tensor | None, tensors: Tensor, *, scale: tuple[float | None, ...] = (None,), **_: Any
+) -> Tensor:
+    """Copy the single input tensor, optionally multiplied by `scale`."""
+    return tensors[0] if scale[0] is None else tensors[0] * scale[0]
+
+
+def _polar(m: Tensor) -> Tensor:
+    """Orthogonal polar factor P Q^T of M = P S Q^T (the nearest matrix with orthonormal columns/rows)."""
+    p, _, qt = torch.linalg.svd(m, full_matrices=False)
+    return p @ qt
+
+
+def tsv_m(base: Tensor, tensors: Tensor, *, alpha: float = 1.0, **_: Any) -> Tensor:
+    """TSV-Merge (Gargiulo et al. 2025): keep each task's top r = floor(min(out,in)/T) singular triplets,
+    stack them, replace the stacked U and V^T by their polar factors (decorrelating tasks), recombine.
+    Non-2-D tensors (and T > min(out, in)) use the mean task vector."""
+    deltas = tensors - base
+    n_tasks = deltas.shape[0]
+    if base.dim() != 2 or min(base.shape) // n_tasks == 0:
+        return base + alpha * deltas.mean(0)
+    k = min(base.shape)
+    r = k // n_tasks
+    u_bar = deltas.new_zeros(base.shape[0], k)
+    s_bar = deltas.new_zeros(k)
+    vt_bar = deltas.new_zeros(k, base.shape[1])
+    for i in range(n_tasks):
+        u, s, vt = torch.linalg.svd(deltas[i], full_matrices=False)
+        u_bar[:, i * r : (i + 1) * r] = u[:, :r]
+        s_bar[i * r : (i + 1) * r] = s[:r]
+        vt_bar[i * r : (i + 1) * r, :] = vt[:r, :]
+    return base + alpha * (_polar(u_bar) * s_bar) @ _polar(vt_bar)
+
+
+def iso_c(base: Tensor, tensors: Tensor, *, alpha: float = 1.0, **_: Any) -> Tensor:
+    """Iso-C (Marczak et al. 2025): SVD of the summed task vectors with every singular value replaced by
+    their mean (an isotropic spectrum). Non-2-D tensors use the mean task vector."""
+    deltas = tensors - base
+    if base.dim() != 2:
+        return base + alpha * deltas.mean(0)
+    u, s, vt = torch.linalg.svd(deltas.sum(0), full_matrices=False)
+    return base + alpha * s.mean() * (u @ vt)
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+_WEIGHT = Param("weight", per_source=True)
+_DENSITY = Param("density", per_source=True, default=1.0, low=0.0, high=1.0)
+_LAMBDA = Param("lambda", default=1.0)
+_INT8_MASK = Param("int8_mask", bool, default=False)  # mergekit memory option; results are identical
+
+
+def _gta(
+    name: str, url: str, *, sparsify: str | None, consensus: str | None, normalize: bool, rescale: bool
+) -> Method:
+    """A row of the task-arithmetic family: variants are data (sparsifier, election, defaults), not code."""
+    params = [_WEIGHT, _DENSITY, _LAMBDA, _INT8_MASK, Param("normalize", bool, default=normalize)]
+    params.append(Param("rescale", str, default=rescale, choices=("l1", "inverse_density", "none")))
+    if sparsify == "magnitude_outliers":
+        params.append(Param("gamma", per_source=True, default=0.01, low=0.0, high=1.0))
+    if sparsify == "della_magprune":
+        params.append(Param("epsilon", per_source=True, default=0.15, low=0.0, high=1.0))
+
+    def fn(base: Tensor, tensors: Tensor, **kw: Any) -> Tensor:
+        return task_arithmetic_family(base, tensors, sparsify=sparsify, consensus=consensus, **kw)
+
+    fn.__name__ = name
+    fn.__doc__ = task_arithmetic_family.__doc__
+    return Method(
+        name, fn, tuple(params), "required", random=sparsify in ("random", "della_magprune"), url=url
+    )
+
+
+for _row in (
+    Method(
+        "linear",
+        linear,
+        (_WEIGHT, Param("normalize", bool, default=True)),
+        "input",
+        url="https://arxiv.org/abs/2203.05482",
+    ),
+    _gta(
+        "task_arithmetic",
+        "https://arxiv.org/abs/2212.04089",
+        sparsify=None,
+        consensus=None,
+        normalize=False,
+        rescale=False,
+    ),
+    _gta(
+        "ties",
+        "https://arxiv.org/abs/2306.01708",
+        sparsify="magnitude",
+        consensus="sum",
+        normalize=True,
+        rescale=False,
+    ),
+    _gta(
+        "dare_ties",
+        "https://arxiv.org/abs/2311.03099",
+        sparsify="random",
+        consensus="sum",
+        normalize=False,
+        rescale=True,
+    ),
+    _gta(
+        "dare_linear",
+        "https://arxiv.org/abs/2311.03099",
+        sparsify="random",
+        consensus=None,
+        normalize=False,
+        rescale=True,
+    ),
+    _gta(
+        "breadcrumbs",
+        "https://arxiv.org/abs/2312.06795",
+        sparsify="magnitude_outliers",
+        consensus=None,
+        normalize=False,
+        rescale=False,
+    ),
+    _gta(
+        "breadcrumbs_ties",
+        "https://arxiv.org/abs/2312.06795",
+        sparsify="magnitude_outliers",
+        consensus="sum",
+        normalize=False,
+        rescale=False,
+    ),
+    _gta(
+        "della",
+        "https://arxiv.org/abs/2406.11617",
+        sparsify="della_magprune",
+        consensus="sum",
+        normalize=True,
+        rescale=True,
+    ),
+    _gta(
+        "della_linear",
+        "https://arxiv.org/abs/2406.11617",
+        sparsify="della_magprune",
+        consensus=None,
+        normalize=False,
+        rescale=True,
+    ),
+    Method(
+        "sce",
+        sce,
+        (Param("select_topk", default=1.0, low=0.0, high=1.0), _INT8_MASK),
+        "required",
+        url="https://arxiv.org/abs/2408.07990",
+    ),
+    Method(
+        "model_stock",
+        model_stock,
+        (Param("filter_wise", bool, default=False), Param("clamp_t", bool, default=False)),
+        "required",
+        min_sources=2,
+        url="https://arxiv.org/abs/2403.19522",
+    ),
+    Method(
+        "slerp",
+        slerp,
+        (Param("t", low=0.0, high=1.0),),
+        "required",
+        min_sources=1,
+        max_sources=1,
+        url="https://en.wikipedia.org/wiki/Slerp",
+    ),
+    Method(
+        "nuslerp",
+        nuslerp,
+        (
+            _WEIGHT,
+            Param("nuslerp_flatten", bool, default=True),
+            Param("nuslerp_row_wise", bool, default=False),
+        ),
+        "optional",
+        min_sources=2,
+        max_sources=2,
+    ),
+    Method(
+        "multislerp",
+        multislerp,
+        (_WEIGHT, Param("normalize_weights", bool, default=True), Param("eps", default=1e-8, low=0.0)),
+        "optional",
+        url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    Method(
+        "karcher",
+        karcher,
+        (Param("max_iter", int, default=10, low=1), Param("tol", default=1e-5, low=0.0)),
+        "input",
+        url="https://arxiv.org/abs/2603.04972",
+    ),
+    Method(
+        "passthrough", passthrough, (Param("scale", per_source=True, default=None),), "input", max_sources=1
+    ),
+    Method(
+        "tsv_m",
+        tsv_m,
+        (Param("alpha", default=1.0),),
+        "required",
+        in_mergekit=False,
+        url="https://arxiv.org/abs/2412.00081",
+    ),
+    Method(
+        "iso_c",
+        iso_c,
+        (Param("alpha", default=1.0),),
+        "required",
+        in_mergekit=False,
+        url="https://arxiv.org/abs/2502.04959",
+    ),
+):
+    METHODS.add(_row.name, _row)
