@@ -87,5 +87,43 @@ def merge(
     print(f"merged model written to {out}")
 
 
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="Merge YAML whose models the demo builds when missing.")] = Path(
+        "configs/demo_merge.yaml"
+    ),
+    out: Annotated[Path, typer.Option(help="Where the merged model goes (OUT/merged).")] = Path("demo_out"),
+    seed: Annotated[int, typer.Option(help="Seed of the tiny models.")] = 0,
+) -> None:
+    """Build the tiny models CONFIG names (cached), merge them, and check the result loads and runs."""
+    import time
+
+    from rich.table import Table
+
+    from evomerge.demo import build_missing_models, score_models
+    from evomerge.errors import EvomergeError
+    from evomerge.merge.engine import merge_to_dir
+    from evomerge.merge.mergekit_io import load_recipe
+
+    console = Console()
+    try:
+        recipe = load_recipe(config)
+        built = build_missing_models(recipe, seed=seed)
+        console.print(f"models: {len(built)} built, {len(recipe.referenced_models()) - len(built)} cached")
+        start = time.perf_counter()
+        merged = merge_to_dir(recipe, out / "merged", overwrite=True)
+        seconds = time.perf_counter() - start
+        scores = score_models({**{r: Path(r) for r in recipe.referenced_models()}, "merged": merged}, seed=seed)
+    except EvomergeError as e:
+        _fail(str(e))
+    table = Table(title=f"{recipe.merge_method} merge of {len(recipe.referenced_models())} models ({seconds:.2f} s)")
+    for col in ("model", "loss on held-out random tokens", "distance to merged (L2)"):
+        table.add_column(col)
+    for name, (loss, dist) in scores.items():
+        table.add_row(name, f"{loss:.4f}", f"{dist:.4f}")
+    console.print(table)
+    console.print(f"merged model: {merged}  (recipe: {merged / 'evomerge_recipe.yaml'})")
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m evomerge`
     sys.exit(app())

@@ -1,0 +1,16 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)
+
+from helpers import make_pool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama base and three experts near it (fp32, 4 layers, vocab 64)."""
+    return make_pool(tmp_path_factory.mktemp("pool"))
