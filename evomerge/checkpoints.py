@@ -12,6 +12,7 @@ B @ A * alpha / r (alpha / sqrt(r) with rsLoRA) of every adapted module.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -20,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-
 from evomerge.errors import CheckpointError, ShapeMismatchError
 
 SAFETENSORS_DTYPES = {
@@ -38,6 +37,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    offset: int = -1  # absolute byte offset of the data in a safetensors file (-1: not safetensors)
+    nbytes: int = 0
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
@@ -65,10 +66,16 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
-            end = max(end, int(entry["data_offsets"][1]))
+            begin, stop = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError, IndexError):
             raise CheckpointError(f"{file}: corrupt safetensors entry for tensor {name!r}") from None
-        infos[name] = TensorInfo(shape, dtype, file.name)
+        count = 1
+        for d in shape:
+            count *= d
+        if stop - begin != count * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{file}: corrupt safetensors entry for tensor {name!r} (size does not match shape)")
+        end = max(end, stop)
+        infos[name] = TensorInfo(shape, dtype, file.name, 8 + n + begin, stop - begin)
     if 8 + n + end != size:
         raise CheckpointError(
             f"{file}: truncated or corrupt: header describes {8 + n + end} bytes, file has {size}"
@@ -166,12 +173,18 @@ class Checkpoint:
             return self._pickled[info.file][name].to(device)
         handle = self._handles.get(info.file)
         if handle is None:
-            try:
-                handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises SafetensorError
-                raise CheckpointError(f"{self.path / info.file}: cannot open ({e})") from None
-            self._handles[info.file] = handle
-        return handle.get_tensor(name).to(device)
+            handle = self._handles[info.file] = open(self.path / info.file, "rb", buffering=0)  # noqa: SIM115
+        # A plain positional read into a fresh buffer, not mmap: resident memory then holds only the tensors
+        # in use, never the mapped files.
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < info.nbytes:
+            got = os.preadv(handle.fileno(), [view[done:]], info.offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path / info.file}: unexpected end of file reading {name}")
+            done += got
+        tensor = buf.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+        return tensor.to(device)
 
     @property
     def architecture(self) -> str:

@@ -244,34 +244,33 @@ def plan(
         config["vocab_size"] = min(vocab)
     if out_dtype is not None:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).removeprefix("torch.")
-    return Plan(jobs, config, recipe.tokenizer_source or base_ref)
+    # mergekit: `tokenizer_source: base` is the base model's tokenizer (the first model without a base)
+    tokenizer = base_ref if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
+    return Plan(jobs, config, tokenizer)
 
 
 def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
     """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error."""
-    raw = [read(ref, name) for ref, name in job.inputs]
-    if job.vocab_rows is not None:
-        raw = [t[: job.vocab_rows] for t in raw]
-    anchor = raw[job.base_index if job.base_index is not None else 0]
+    method = METHODS.get(job.method)
+    rows = slice(None, job.vocab_rows)
+    anchor_at = job.base_index if job.base_index is not None else 0
+    anchor = read(*job.inputs[anchor_at])[rows]
     if not anchor.is_floating_point():
         return anchor.clone()
-    method = METHODS.get(job.method)
-    tensors = [t for i, t in enumerate(raw) if method.base == "input" or i != job.base_index]
-    base = raw[job.base_index].float() if job.base_index is not None and method.base != "input" else None
-    stacked = (
-        torch.stack([t.float() for t in tensors]) if tensors else anchor.float().new_empty((0, *anchor.shape))
-    )
-    gen = None
-    if method.random:
-        gen = torch.Generator(device=anchor.device).manual_seed(job.seed)
+    separate_base = job.base_index is not None and method.base != "input"
+    order = [i for i in range(len(job.inputs)) if not (separate_base and i == job.base_index)]
+    # One fp32 buffer for the method's inputs: each source is read and cast straight into its slot.
+    stacked = torch.empty((len(order), *anchor.shape), dtype=torch.float32, device=anchor.device)
+    for slot, i in enumerate(order):
+        stacked[slot].copy_(anchor if i == anchor_at else read(*job.inputs[i])[rows])
+    base = anchor.float() if separate_base else None
+    gen = torch.Generator(device=anchor.device).manual_seed(job.seed) if method.random else None
     try:
         out = method.fn(base, stacked, gen=gen, **job.params, **job.per_source)
     except MergeError as e:
         raise MergeError(f"{job.name}: {e}") from None
-    if not torch.isfinite(out).all():
-        raise MergeError(
-            f"{job.name}: method {job.method} produced NaN or Inf (check the sources and parameters)"
-        )
+    if not torch.isfinite(out.sum()):  # a NaN or Inf anywhere makes the sum non-finite; one cheap pass
+        raise MergeError(f"{job.name}: method {job.method} produced NaN or Inf (check the sources and parameters)")
     return out.to(job.dtype)
 
 
@@ -329,7 +328,7 @@ def _write_shard(file: Path, jobs: list[TensorJob], produce: Callable[[TensorJob
         for job in jobs:
             t = produce(job).contiguous().cpu()
             assert tuple(t.shape) == job.shape and t.dtype == job.dtype, job.name
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _copy_side_files(plan_: Plan, sources: Mapping[str, Source], out: Path) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -132,21 +133,33 @@ def _per_source(values: tuple[float, ...], like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------- sparsification
 
 
+def _kth_largest(values: Tensor, k: int) -> float:
+    """The k-th largest entry of a flat tensor. On the CPU numpy's introselect is ~10x faster than kthvalue."""
+    n = values.numel()
+    if values.device.type == "cpu":
+        return float(np.partition(values.detach().numpy(), n - k)[n - k])
+    return float(values.kthvalue(n - k + 1).values)
+
+
 def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
     """Boolean mask of the k largest entries of a flat tensor; equal values keep the lower index.
 
-    O(n) via kthvalue instead of a full sort; the tie rule matches a stable descending argsort.
+    O(n) selection of the threshold instead of a full sort; the tie rule matches a stable descending argsort.
     """
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    threshold = magnitude.kthvalue(n - k + 1).values
+    threshold = _kth_largest(magnitude, k)
     mask = magnitude > threshold
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:
-        mask[(magnitude == threshold).nonzero().flatten()[:missing]] = True
+        ties = magnitude == threshold
+        if int(torch.count_nonzero(ties)) == missing:
+            mask |= ties
+        else:
+            mask[ties.nonzero().flatten()[:missing]] = True
     return mask
 
 
@@ -156,8 +169,8 @@ def rescale_to_norm(original: Tensor, masked: Tensor, rescale: bool | str, densi
     mode = {True: "l1", False: "none"}.get(rescale, rescale) if isinstance(rescale, bool) else rescale
     if mode == "none":
         return masked
-    if mode == "inverse_density":
-        return masked / density
+    if mode == "inverse_density":  # density 0 keeps nothing: return the zeros, not 0/0 = NaN
+        return masked / density if isinstance(density, Tensor) or density > 0 else masked
     before, after = original.abs().sum(), masked.abs().sum()
     if before < 1e-7 or after < 1e-7:
         return masked
@@ -232,7 +245,7 @@ def sign_agreement(deltas: Tensor, consensus: str = "sum") -> Tensor:
     then a mask of the entries that agree with it (zeros never agree)."""
     signs = deltas.sign()
     votes = deltas.sum(0) if consensus == "sum" else signs.sum(0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
+    elected = (votes >= 0).to(deltas.dtype) * 2 - 1
     return signs == elected
 
 
@@ -248,7 +261,8 @@ def linear(
         raise MergeError(
             f"linear: weights sum to {total}; cannot normalize (set normalize: false or change weights)"
         )
-    merged = (tensors * _per_source(weight, tensors)).sum(0)
+    w = torch.tensor(weight, dtype=tensors.dtype, device=tensors.device)
+    merged = (w @ tensors.reshape(len(weight), -1)).view(tensors.shape[1:])  # one BLAS pass over the inputs
     return merged / total if normalize else merged
 
 
@@ -294,7 +308,7 @@ def task_arithmetic_family(
         mask = sign_agreement(deltas, consensus).to(deltas.dtype)
         merged = (deltas * mask).sum(0)
         divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1
+        divisor += divisor == 0
     else:
         merged = deltas.sum(0)
         divisor = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
@@ -331,7 +345,9 @@ def _slerp_along(t: float, v0: Tensor, v1: Tensor, dim: int, flatten: bool) -> T
     u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= 1e-16
+    # mergekit tests 1 - cos^2 <= 1e-16, which fp32 meets only for exactly colinear vectors: a nearly
+    # anti-parallel pair then divides by a tiny sin and blows up. Use SLERP's |cos| > 0.9995 instead.
+    colinear = cos.abs() > 0.9995
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
     out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
@@ -379,6 +395,8 @@ def multislerp(
     if normalize_weights:
         w = w / w.sum()
     norms = flat.norm(dim=-1, keepdim=True)
+    if bool((norms <= eps).all()):  # every input equals the base (e.g. a frozen layer): nothing to interpolate
+        return base.clone() if base is not None else torch.zeros_like(vecs[0])
     units = flat / (norms + eps)
     mean = (units * w[:, None]).sum(0)
     if mean.norm() < eps:
