@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from evomerge.errors import CheckpointError, ShapeMismatchError
 
 SAFETENSORS_DTYPES = {
