@@ -74,7 +74,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         for d in shape:
             count *= d
         if stop - begin != count * dtype.itemsize or begin < 0:
-            raise CheckpointError(f"{file}: corrupt safetensors entry for tensor {name!r} (size does not match shape)")
+            raise CheckpointError(
+                f"{file}: corrupt safetensors entry for tensor {name!r} (size does not match shape)"
+            )
         end = max(end, stop)
         infos[name] = TensorInfo(shape, dtype, file.name, 8 + n + begin, stop - begin)
     if 8 + n + end != size:
@@ -184,7 +186,11 @@ class Checkpoint:
             if got <= 0:
                 raise CheckpointError(f"{self.path / info.file}: unexpected end of file reading {name}")
             done += got
-        tensor = buf.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+        tensor = (
+            buf.view(info.dtype).view(info.shape)
+            if info.nbytes
+            else torch.empty(info.shape, dtype=info.dtype)
+        )
         return tensor.to(device)
 
     @property

@@ -89,9 +89,9 @@ def merge(
 
 @app.command()
 def demo(
-    config: Annotated[Path, typer.Option(help="Merge YAML whose models the demo builds when missing.")] = Path(
-        "configs/demo_merge.yaml"
-    ),
+    config: Annotated[
+        Path, typer.Option(help="Merge YAML whose models the demo builds when missing.")
+    ] = Path("configs/demo_merge.yaml"),
     out: Annotated[Path, typer.Option(help="Where the merged model goes (OUT/merged).")] = Path("demo_out"),
     seed: Annotated[int, typer.Option(help="Seed of the tiny models.")] = 0,
 ) -> None:
@@ -113,10 +113,14 @@ def demo(
         start = time.perf_counter()
         merged = merge_to_dir(recipe, out / "merged", overwrite=True)
         seconds = time.perf_counter() - start
-        scores = score_models({**{r: Path(r) for r in recipe.referenced_models()}, "merged": merged}, seed=seed)
+        scores = score_models(
+            {**{r: Path(r) for r in recipe.referenced_models()}, "merged": merged}, seed=seed
+        )
     except EvomergeError as e:
         _fail(str(e))
-    table = Table(title=f"{recipe.merge_method} merge of {len(recipe.referenced_models())} models ({seconds:.2f} s)")
+    table = Table(
+        title=f"{recipe.merge_method} merge of {len(recipe.referenced_models())} models ({seconds:.2f} s)"
+    )
     for col in ("model", "loss on held-out random tokens", "distance to merged (L2)"):
         table.add_column(col)
     for name, (loss, dist) in scores.items():

@@ -32,7 +32,10 @@ def score_models(models: dict[str, Path], seed: int = 0) -> dict[str, tuple[floa
     model of `models` (the merge)."""
     from transformers import AutoModelForCausalLM
 
-    loaded = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in models.items()}
+    loaded = {
+        name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for name, path in models.items()
+    }
     merged = list(loaded.values())[-1].state_dict()
     vocab = next(iter(loaded.values())).config.vocab_size
     tokens = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(seed))

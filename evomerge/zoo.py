@@ -34,7 +34,9 @@ def make_random_llama(
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(config)
-    ref = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict() if base is not None else None
+    ref = (
+        LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict() if base is not None else None
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)

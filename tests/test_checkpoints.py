@@ -161,7 +161,9 @@ def test_lora_for_another_base_is_rejected(tmp_path, pool):
     other = make_llama(tmp_path / "wide", 7, hidden=48)
     _make_adapter(other, tmp_path / "lora")
     with pytest.raises(ShapeMismatchError, match="another base"):
-        LoraCheckpoint(Checkpoint(pool["base"]), tmp_path / "lora").read("model.layers.0.self_attn.q_proj.weight")
+        LoraCheckpoint(Checkpoint(pool["base"]), tmp_path / "lora").read(
+            "model.layers.0.self_attn.q_proj.weight"
+        )
 
 
 def test_bare_adapter_without_base_is_rejected(tmp_path, pool):

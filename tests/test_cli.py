@@ -22,7 +22,10 @@ def _write(tmp_path, data, name="merge.yaml"):
 
 
 def _linear(*models, **params):
-    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in models]}
+    return {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in models],
+    }
 
 
 def _run_fails(tmp_path, config, needle, *flags):
@@ -97,7 +100,11 @@ def test_negative_density(tmp_path, pool):
 
 
 def test_missing_required_parameter(tmp_path, pool):
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(pool["base"]), "models": [{"model": str(pool["e0"])}]}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(pool["base"]),
+        "models": [{"model": str(pool["e0"])}],
+    }
     _run_fails(tmp_path, _write(tmp_path, cfg), "missing required parameter 'weight'")
 
 

@@ -83,7 +83,9 @@ def configs(models: dict[str, Path]) -> dict[str, dict]:
 def timed(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of a whole process, from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, *cmd], capture_output=True, text=True)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", "-o", f.name, *cmd], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{cmd[0]} failed:\n{proc.stderr[-2000:]}")
         wall, rss_kb = f.read().split()[-2:]
@@ -133,7 +135,9 @@ def main() -> None:
     print("\nratios (mergekit / evomerge; > 1 means evomerge is better)")
     print(f"{'config':8} {'speed-up':>9} {'RSS ratio':>10} {'max |diff| (bf16 outputs)':>27}")
     for name, r, diff in rows:
-        print(f"{name:8} {r['mergekit'][0] / r['evomerge'][0]:8.2f}x {r['mergekit'][1] / r['evomerge'][1]:9.2f}x {diff:27.2e}")
+        print(
+            f"{name:8} {r['mergekit'][0] / r['evomerge'][0]:8.2f}x {r['mergekit'][1] / r['evomerge'][1]:9.2f}x {diff:27.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -269,8 +269,12 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> to
         out = method.fn(base, stacked, gen=gen, **job.params, **job.per_source)
     except MergeError as e:
         raise MergeError(f"{job.name}: {e}") from None
-    if not torch.isfinite(out.sum()):  # a NaN or Inf anywhere makes the sum non-finite; one cheap pass
-        raise MergeError(f"{job.name}: method {job.method} produced NaN or Inf (check the sources and parameters)")
+    if not torch.isfinite(
+        out.sum(dtype=torch.float64)
+    ):  # NaN/Inf anywhere makes it non-finite; fp64 cannot overflow
+        raise MergeError(
+            f"{job.name}: method {job.method} produced NaN or Inf (check the sources and parameters)"
+        )
     return out.to(job.dtype)
 
 
@@ -331,17 +335,60 @@ def _write_shard(file: Path, jobs: list[TensorJob], produce: Callable[[TensorJob
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
-def _copy_side_files(plan_: Plan, sources: Mapping[str, Source], out: Path) -> None:
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _tokenizer_dir(ref: str, sources: Mapping[str, Source]) -> Path:
+    src = sources.get(ref)
+    if src is None:
+        return Path(ref)
+    return (
+        src.base.path if hasattr(src, "base") else src.path
+    )  # a LoRA source: the tokenizer lives with its base
+
+
+def _source_chat_template(path: Path) -> str | None:
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    cfg = path / "tokenizer_config.json"
+    return json.loads(cfg.read_text()).get("chat_template") if cfg.exists() else None
+
+
+def resolve_chat_template(value: str, sources: Mapping[str, Source]) -> str:
+    """`chat_template`: Jinja text as is, `chatml`, or `auto` (the template most of the sources share)."""
+    if "{{" in value or "{%" in value:
+        return value
+    if value == "chatml":
+        return CHATML
+    if value == "auto":
+        found = [t for ref in sources if (t := _source_chat_template(_tokenizer_dir(ref, sources)))]
+        if not found:
+            raise ConfigError("chat_template: auto, but no source has a chat template")
+        return max(found, key=found.count)
+    raise ConfigError(f"chat_template: {value!r} is not a template; give Jinja text, 'chatml' or 'auto'")
+
+
+def _copy_side_files(
+    plan_: Plan, sources: Mapping[str, Source], out: Path, chat_template: str | None
+) -> None:
     (out / "config.json").write_text(json.dumps(plan_.config, indent=2) + "\n")
-    tok = plan_.tokenizer_source
-    src = sources[tok].path if tok in sources else Path(tok)
-    if tok not in sources and not src.is_dir():
-        raise ConfigError(f"tokenizer_source: {tok} is not a model directory")
-    if hasattr(sources.get(tok), "base"):  # a LoRA source: the tokenizer lives with its base
-        src = sources[tok].base.path
+    src = _tokenizer_dir(plan_.tokenizer_source, sources)
+    if not src.is_dir():
+        raise ConfigError(f"tokenizer_source: {plan_.tokenizer_source} is not a model directory")
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
+    if chat_template is not None:
+        cfg_file = out / "tokenizer_config.json"
+        if not cfg_file.exists():
+            raise ConfigError(f"chat_template: the tokenizer source {src} has no tokenizer_config.json")
+        cfg = json.loads(cfg_file.read_text())
+        cfg["chat_template"] = resolve_chat_template(chat_template, sources)
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        (out / "chat_template.jinja").write_text(cfg["chat_template"])
 
 
 def merge_to_dir(
@@ -392,7 +439,7 @@ def merge_to_dir(
             total = sum(_nbytes(j) for j in plan_.jobs)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(plan_, sources, tmp)
+        _copy_side_files(plan_, sources, tmp, recipe.chat_template)
         from evomerge.merge.mergekit_io import dump_recipe_yaml
 
         (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(recipe))

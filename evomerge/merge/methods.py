@@ -395,7 +395,9 @@ def multislerp(
     if normalize_weights:
         w = w / w.sum()
     norms = flat.norm(dim=-1, keepdim=True)
-    if bool((norms <= eps).all()):  # every input equals the base (e.g. a frozen layer): nothing to interpolate
+    if bool(
+        (norms <= eps).all()
+    ):  # every input equals the base (e.g. a frozen layer): nothing to interpolate
         return base.clone() if base is not None else torch.zeros_like(vecs[0])
     units = flat / (norms + eps)
     mean = (units * w[:, None]).sum(0)

@@ -57,7 +57,10 @@ def test_in_place_candidates_switch_without_residue(pool):
 
     a, b = _ties(pool), _ties(pool, "task_arithmetic")
     rp = ResidentPool.from_refs(a.referenced_models())
-    m1, m2 = AutoModelForCausalLM.from_pretrained(pool["base"]), AutoModelForCausalLM.from_pretrained(pool["e2"])
+    m1, m2 = (
+        AutoModelForCausalLM.from_pretrained(pool["base"]),
+        AutoModelForCausalLM.from_pretrained(pool["e2"]),
+    )
     apply_in_place(a, rp, m1)
     apply_in_place(b, rp, m1)
     apply_in_place(b, rp, m2)
@@ -114,7 +117,9 @@ def test_gradient_interpolates_over_layers(pool):
     jobs = {j.name: j for j in plan(recipe, {r: Checkpoint(r) for r in recipe.referenced_models()}).jobs}
     weights = [jobs[f"model.layers.{i}.mlp.up_proj.weight"].per_source["weight"][0] for i in range(4)]
     assert weights == pytest.approx([1.0, 0.8, 0.6, 0.4])
-    assert jobs["model.embed_tokens.weight"].per_source["weight"][0] == pytest.approx(1.0)  # u = 0 outside layers
+    assert jobs["model.embed_tokens.weight"].per_source["weight"][0] == pytest.approx(
+        1.0
+    )  # u = 0 outside layers
 
 
 def test_existing_output_refused(tmp_path, pool):
@@ -155,7 +160,9 @@ def test_vocab_mismatch_rejected_then_truncated_on_request(tmp_path, pool):
         merge_to_dir(recipe, tmp_path / "out")
     out = _load_dir(merge_to_dir(recipe, tmp_path / "out", truncate_vocab=True))
     assert out["model.embed_tokens.weight"].shape == (64, 32)
-    expected = (Checkpoint(pool["base"]).read("lm_head.weight") + Checkpoint(big).read("lm_head.weight")[:64]) / 2
+    expected = (
+        Checkpoint(pool["base"]).read("lm_head.weight") + Checkpoint(big).read("lm_head.weight")[:64]
+    ) / 2
     torch.testing.assert_close(out["lm_head.weight"], expected)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
 
