@@ -1,0 +1,225 @@
+"""lm-eval as the fitness source: lm-eval's own tasks and metrics, run in process on a resident model.
+
+`LMEvalSpec(...).build()` runs once per worker: it indexes the task YAMLs, loads the data and builds every
+request (prompts, few-shot context, generation settings) once. Per candidate, `evaluate(model, tokenizer)`
+only runs the model on those prebuilt requests, applies the tasks' filters and scores each document with
+the task's own `process_results`, then aggregates with the task's own aggregation. Nothing derived from
+the weights is cached, so a worker can overwrite the model in place between candidates.
+
+Per-sample scores are the primary metric (the task's first metric) of every document, in the task's
+document order, restricted to the fixed subsample when one is given: the same order for every candidate.
+`forward_passes` counts model requests (one generation or one log-likelihood each).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.evaluate.base import Evaluation, EvaluationError
+
+BUNDLED_TASKS = Path(__file__).parent / "tasks"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LMEvalSpec:
+    """What to evaluate. Picklable; `build()` runs in the worker.
+
+    tasks: task, group or tag names (bundled zoo tasks, anything under `include_path`, or lm-eval's own
+      tasks when their data is available locally).
+    limit: first N documents per task (int) or a fraction (float), lm-eval's semantics.
+    subsample: N documents per task drawn once with `seed` (fixed for the whole search); exclusive with limit.
+    """
+
+    tasks: tuple[str, ...]
+    include_path: str | None = None
+    limit: int | float | None = None
+    subsample: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "cpu"
+    num_fewshot: int | None = None
+
+    def build(self) -> LMEvalEvaluator:
+        return LMEvalEvaluator(self)
+
+
+@dataclass
+class _TaskRun:
+    """One leaf task with its prebuilt requests."""
+
+    name: str
+    task: Any
+    docs: list[tuple[int, Any]]
+    instances: dict[int, list[Any]]
+    metric: str
+    higher_is_better: bool
+    filter_keys: list[str] = field(default_factory=list)
+
+
+def _task_manager(include: list[str], names: tuple[str, ...]) -> Any:
+    """Index only our paths when they hold every name (fast); else add lm-eval's own task tree."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if all(n in manager.all_tasks for n in names):
+        return manager
+    manager = TaskManager(include_path=include, include_defaults=True)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise EvaluationError(f"unknown lm-eval task {unknown[0]!r}.{hint}")
+    return manager
+
+
+def _load_tasks(spec: LMEvalSpec) -> dict[str, Any]:
+    include = [str(BUNDLED_TASKS)] + ([spec.include_path] if spec.include_path else [])
+    manager = _task_manager(include, spec.tasks)
+    try:
+        loaded = manager.load(list(spec.tasks))
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+        raise EvaluationError(
+            f"tasks {', '.join(spec.tasks)}: data could not be loaded ({type(e).__name__}: {e}). Standard lm-eval "
+            "tasks need their datasets in the local Hugging Face cache (no downloads happen here)"
+        ) from None
+    except Exception as e:  # datasets raises its own hierarchy for unreachable hubs
+        if "offline" in str(e).lower() or "connect" in str(e).lower() or "not found" in str(e).lower():
+            raise EvaluationError(
+                f"tasks {', '.join(spec.tasks)}: data is not available locally ({type(e).__name__}: {e})"
+            ) from None
+        raise
+    return loaded["tasks"]
+
+
+def _primary_metric(task: Any) -> tuple[str, bool]:
+    config_metrics = getattr(task.config, "metric_list", None) or []
+    names = [m["metric"] for m in config_metrics if isinstance(m.get("metric"), str)]
+    name = names[0] if names else next(iter(task.aggregation()))
+    return name, bool(task.higher_is_better().get(name, True))
+
+
+def _memoize_targets(task: Any, docs: list[Any]) -> None:
+    """Render each document's target once: lm-eval re-compiles the Jinja template on every call (~0.6 ms a
+    document), which would dominate per-candidate scoring. Targets depend on the data only, never on weights."""
+    targets = {id(doc): task.doc_to_target(doc) for doc in docs}
+    render = task.doc_to_target
+
+    def doc_to_target(doc: Any) -> Any:
+        hit = targets.get(id(doc))
+        return hit if hit is not None else render(doc)
+
+    task.doc_to_target = doc_to_target
+
+
+def _subsample(n_docs: int, k: int, seed: int, name: str) -> list[int]:
+    import hashlib
+
+    mix = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng(mix)
+    return sorted(rng.choice(n_docs, size=min(k, n_docs), replace=False).tolist())
+
+
+class LMEvalEvaluator:
+    """Runs prebuilt lm-eval requests on whatever weights the model holds now."""
+
+    def __init__(self, spec: LMEvalSpec) -> None:
+        if spec.limit is not None and spec.subsample is not None:
+            raise EvaluationError("give either limit or subsample, not both")
+        self.spec = spec
+        self._lm: Any = None
+        self._lm_key: tuple[int, int] | None = None
+        self.runs = [self._prepare(name, task) for name, task in _load_tasks(spec).items()]
+        if not self.runs:
+            raise EvaluationError(f"tasks {', '.join(spec.tasks)} contain no evaluable task")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [r.name for r in self.runs]
+
+    def _prepare(self, name: str, task: Any) -> _TaskRun:
+        if self.spec.num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=self.spec.num_fewshot)
+        samples = None
+        if self.spec.subsample is not None:
+            docs = task.eval_docs
+            samples = _subsample(len(docs), self.spec.subsample, self.spec.seed, name)
+        from lm_eval.evaluator_utils import get_sample_size
+
+        limit = get_sample_size(task, self.spec.limit) if samples is None else None
+        try:
+            task.build_all_requests(limit=limit, samples=samples, rank=0, world_size=1, cache_requests=False)
+        except Exception as e:
+            raise EvaluationError(f"task {name}: cannot build requests ({type(e).__name__}: {e})") from None
+        instances: dict[int, list[Any]] = defaultdict(list)
+        for inst in task.instances:
+            instances[inst.doc_id].append(inst)
+        for group in instances.values():
+            group.sort(key=lambda x: x.idx)
+        docs = list(task.doc_iterator(rank=0, limit=limit, world_size=1, samples=samples))
+        _memoize_targets(task, [doc for _, doc in docs])
+        metric, hib = _primary_metric(task)
+        return _TaskRun(name, task, docs, dict(instances), metric, hib)
+
+    def _wrap(self, model: Any, tokenizer: Any) -> Any:
+        """lm-eval's HFLM around the resident model, made once per (model, tokenizer) object pair."""
+        key = (id(model), id(tokenizer))
+        if self._lm is not None and self._lm_key == key:
+            return self._lm
+        if tokenizer is None:
+            raise EvaluationError("LMEvalEvaluator needs the model's tokenizer")
+        if tokenizer.pad_token is None:
+            raise EvaluationError(
+                "the tokenizer has no pad token: batched evaluation needs one "
+                "(set tokenizer.pad_token, e.g. to the eos token, and save it with the model)"
+            )
+        from lm_eval.models.huggingface import HFLM
+
+        self._lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=self.spec.batch_size, device=self.spec.device
+        )
+        self._lm_key = key
+        return self._lm
+
+    def evaluate(self, model: Any, tokenizer: Any = None) -> Evaluation:
+        start = time.perf_counter()
+        lm = self._wrap(model, tokenizer)
+        by_type: dict[str, list[Any]] = defaultdict(list)
+        for run in self.runs:
+            for inst in run.task.instances:
+                inst.resps = []
+                inst.filtered_resps = {}
+                by_type[inst.request_type].append(inst)
+        passes = 0
+        for request_type, instances in by_type.items():
+            cloned = [inst for inst in instances for _ in range(inst.repeats)]
+            responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
+            for inst, resp in zip(cloned, responses, strict=True):
+                inst.resps.append(resp)
+            passes += len(cloned)
+        scores: dict[str, float] = {}
+        samples: dict[str, np.ndarray] = {}
+        for run in self.runs:
+            run.task.apply_filters()
+            key = next(iter(run.task.instances[0].filtered_resps))
+            values = []
+            for doc_id, doc in run.docs:
+                group = run.instances[doc_id]
+                metrics = run.task.process_results(doc, [inst.filtered_resps[key] for inst in group])
+                values.append(metrics[run.metric])
+            per_sample = np.asarray(values, dtype=np.float64)
+            samples[run.name] = per_sample
+            scores[run.name] = float(run.task.aggregation()[run.metric](values))
+        device = str(getattr(model, "device", self.spec.device))
+        return Evaluation(
+            scores, samples, forward_passes=passes, seconds=time.perf_counter() - start, device=device
+        )
