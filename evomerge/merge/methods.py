@@ -25,13 +25,17 @@ behaviour (tests compare the two). Tie rules are stated where they matter.
 | karcher           | input    | -                             | max_iter=10, tol=1e-5                    |
 | passthrough       | input    | scale=None                    | -                                        |
 | tsv_m, iso_c      | required | -                             | alpha=1  (not in mergekit)               |
+
+Search ranges (`Param.search`, read by `evomerge.space`; other parameters are not searched): weight
+[0, 1], density [0.1, 1] (where a sparsifier uses it), lambda [0.5, 1.5], gamma [0, 0.1], epsilon [0, 0.1], select_topk [0.1, 1],
+t [0, 1], alpha [0.5, 1.5].
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +63,8 @@ class Param:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] | None = None
+    search: tuple[float, float] | None = None
+    """The range a search tunes this parameter over (inside low/high); None: not searched."""
 
     @property
     def required(self) -> bool:
@@ -554,9 +560,9 @@ def iso_c(base: Tensor, tensors: Tensor, *, alpha: float = 1.0, **_: Any) -> Ten
 
 # ---------------------------------------------------------------------------------------- registry
 
-_WEIGHT = Param("weight", per_source=True)
-_DENSITY = Param("density", per_source=True, default=1.0, low=0.0, high=1.0)
-_LAMBDA = Param("lambda", default=1.0)
+_WEIGHT = Param("weight", per_source=True, search=(0.0, 1.0))
+_DENSITY = Param("density", per_source=True, default=1.0, low=0.0, high=1.0, search=(0.1, 1.0))  # 0 drops all
+_LAMBDA = Param("lambda", default=1.0, search=(0.5, 1.5))
 _INT8_MASK = Param("int8_mask", bool, default=False)  # mergekit memory option; results are identical
 
 
@@ -564,12 +570,13 @@ def _gta(
     name: str, url: str, *, sparsify: str | None, consensus: str | None, normalize: bool, rescale: bool
 ) -> Method:
     """A row of the task-arithmetic family: variants are data (sparsifier, election, defaults), not code."""
-    params = [_WEIGHT, _DENSITY, _LAMBDA, _INT8_MASK, Param("normalize", bool, default=normalize)]
+    density = _DENSITY if sparsify else replace(_DENSITY, search=None)  # unused without a sparsifier
+    params = [_WEIGHT, density, _LAMBDA, _INT8_MASK, Param("normalize", bool, default=normalize)]
     params.append(Param("rescale", str, default=rescale, choices=("l1", "inverse_density", "none")))
     if sparsify == "magnitude_outliers":
-        params.append(Param("gamma", per_source=True, default=0.01, low=0.0, high=1.0))
+        params.append(Param("gamma", per_source=True, default=0.01, low=0.0, high=1.0, search=(0.0, 0.1)))
     if sparsify == "della_magprune":
-        params.append(Param("epsilon", per_source=True, default=0.15, low=0.0, high=1.0))
+        params.append(Param("epsilon", per_source=True, default=0.15, low=0.0, high=1.0, search=(0.0, 0.1)))
 
     def fn(base: Tensor, tensors: Tensor, **kw: Any) -> Tensor:
         return task_arithmetic_family(base, tensors, sparsify=sparsify, consensus=consensus, **kw)
@@ -656,7 +663,7 @@ for _row in (
     Method(
         "sce",
         sce,
-        (Param("select_topk", default=1.0, low=0.0, high=1.0), _INT8_MASK),
+        (Param("select_topk", default=1.0, low=0.0, high=1.0, search=(0.1, 1.0)), _INT8_MASK),
         "required",
         url="https://arxiv.org/abs/2408.07990",
     ),
@@ -671,7 +678,7 @@ for _row in (
     Method(
         "slerp",
         slerp,
-        (Param("t", low=0.0, high=1.0),),
+        (Param("t", low=0.0, high=1.0, search=(0.0, 1.0)),),
         "required",
         min_sources=1,
         max_sources=1,
@@ -709,7 +716,7 @@ for _row in (
     Method(
         "tsv_m",
         tsv_m,
-        (Param("alpha", default=1.0),),
+        (Param("alpha", default=1.0, search=(0.5, 1.5)),),
         "required",
         in_mergekit=False,
         url="https://arxiv.org/abs/2412.00081",
@@ -717,7 +724,7 @@ for _row in (
     Method(
         "iso_c",
         iso_c,
-        (Param("alpha", default=1.0),),
+        (Param("alpha", default=1.0, search=(0.5, 1.5)),),
         "required",
         in_mergekit=False,
         url="https://arxiv.org/abs/2502.04959",
