@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -127,6 +127,139 @@ def demo(
         table.add_row(name, f"{loss:.4f}", f"{dist:.4f}")
     console.print(table)
     console.print(f"merged model: {merged}  (recipe: {merged / 'evomerge_recipe.yaml'})")
+
+
+def _progress_view(p: Any) -> Any:
+    from rich.table import Table
+
+    total = p.budget.candidates
+    rate = p.done / p.seconds * 60 if p.seconds > 0 else 0.0
+    head = (
+        f"candidates {p.done}"
+        + (f"/{total}" if total else "")
+        + f"  in flight {p.in_flight}  failed {p.failed}"
+    )
+    head += f"  front {p.front_size}  {rate:.1f}/min  {p.seconds:.0f}s"
+    table = Table(title=head, title_justify="left", show_header=True)
+    table.add_column("objective")
+    table.add_column("best so far", justify="right")
+    for name, value in p.best.items():
+        table.add_row(name, f"{value:.4f}")
+    return table
+
+
+def _print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    best = summary.get("best")
+    if best is None:
+        console.print(f"no successful candidate; journal: {run_dir / 'journal.jsonl'}")
+        return
+    names = summary["objectives"]
+    table = Table(title=f"Pareto front ({len(summary['front'])} candidates)")
+    table.add_column("candidate")
+    for n in names:
+        table.add_column(n, justify="right")
+    for row in summary["front"]:
+        mark = " (best)" if row["id"] == best["id"] else ""
+        table.add_row(row["id"] + mark, *(f"{row['scores'][n]:.4f}" for n in names))
+    console.print(table)
+    console.print(f"best candidate {best['id']}: recipe {run_dir / 'best.yaml'}")
+    console.print(f"run dir: {run_dir}  (journal.jsonl, front.json)")
+
+
+def _search(fn: Any) -> Any:
+    """Run a search function under a live progress display; user errors exit 2."""
+    from rich.live import Live
+
+    from evomerge.errors import EvomergeError
+
+    console = Console()
+    with Live(console=console, refresh_per_second=2, transient=True) as live:
+        try:
+            return fn(lambda p: live.update(_progress_view(p)))
+        except EvomergeError as e:
+            live.stop()
+            _fail(str(e))
+
+
+@app.command(name="run")
+def run_search(
+    config: Annotated[Path, typer.Argument(help="Run YAML (see configs/demo.yaml).")],
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (auto, ray://...); default: local Ray.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Override workers.count.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default: the config's output, or runs/NAME).")
+    ] = None,
+) -> None:
+    """Run a merge search to its budget; the run dir holds the journal, front and best recipe."""
+    from evomerge.runtime.run import start
+
+    run_dir, _state, summary = _search(
+        lambda cb: start(config, out=out, address=address, workers=workers, on_progress=cb)
+    )
+    _print_summary(Console(), run_dir, summary)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `evomerge run`.")],
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray.")] = None,
+) -> None:
+    """Continue a killed or interrupted run; finished candidates are not re-run."""
+    from evomerge.runtime.run import resume as resume_run
+
+    _state, summary = _search(lambda cb: resume_run(run_dir, address=address, on_progress=cb))
+    _print_summary(Console(), run_dir, summary)
+
+
+@app.command()
+def front(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Print the current Pareto front of a run (finished or still running) from its journal."""
+    from evomerge.errors import EvomergeError
+    from evomerge.runtime.front import front_from_journal
+
+    try:
+        summary = front_from_journal(run_dir)
+    except EvomergeError as e:
+        _fail(str(e))
+    _print_summary(Console(), run_dir, summary)
+
+
+@app.command()
+def zoo(
+    out: Annotated[Path, typer.Option(help="Directory of the zoo (reused when complete).")] = Path("zoo"),
+    seed: Annotated[int, typer.Option(help="Seed of the zoo (initialisation and training data).")] = 0,
+) -> None:
+    """Build (or reuse) the trained demo zoo: a tiny base and one expert per skill, and their scores."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from evomerge.zoo import build_zoo, load_zoo
+
+    console = Console()
+    if load_zoo(out, seed) is None:
+        err.print(f"building the zoo in {out} (2-3 minutes on 2 CPU cores)")
+    start = time.perf_counter()
+    try:
+        paths = build_zoo(out, seed=seed)
+        report = json.loads((out / "SCORES.json").read_text())
+    except OSError as e:
+        _fail(f"{out}: {e.strerror or e}")
+    seconds = time.perf_counter() - start
+    rows = report["scores"]
+    tasks = list(next(iter(rows.values())))
+    table = Table(title=f"exact match (%) on the held-out test split (seed {seed}, {seconds:.1f} s)")
+    for col in ("model", *tasks):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, row in rows.items():
+        table.add_row(name, *(f"{row[t]:.1f}" for t in tasks))
+    console.print(table)
+    console.print(f"zoo: {out} ({', '.join(paths)}); scores: {out / 'SCORES.md'}")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m evomerge`

@@ -249,6 +249,25 @@ def plan(
     return Plan(jobs, config, tokenizer)
 
 
+def linear_form(job: TensorJob) -> list[float] | None:
+    """Coefficients of the job's inputs when its method is a fixed linear combination of them."""
+    method = METHODS.get(job.method)
+    if method.coefficients is None or job.vocab_rows is not None:
+        return None
+    return method.coefficients(len(job.inputs), job.base_index, **job.params, **job.per_source)
+
+
+def combine(
+    coefficients: list[float], stacked: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_i c_i * stacked[i] as one matrix-vector product (one pass over the inputs)."""
+    c = torch.tensor(coefficients, dtype=stacked.dtype, device=stacked.device)
+    flat = stacked.reshape(len(coefficients), -1)
+    if out is not None:
+        return torch.mv(flat.T, c, out=out.view(-1)).view(stacked.shape[1:])
+    return torch.mv(flat.T, c).view(stacked.shape[1:])
+
+
 def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
     """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error."""
     method = METHODS.get(job.method)
@@ -257,25 +276,33 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> to
     anchor = read(*job.inputs[anchor_at])[rows]
     if not anchor.is_floating_point():
         return anchor.clone()
-    separate_base = job.base_index is not None and method.base != "input"
+    coefficients = linear_form(job)
+    separate_base = job.base_index is not None and method.base != "input" and coefficients is None
     order = [i for i in range(len(job.inputs)) if not (separate_base and i == job.base_index)]
     # One fp32 buffer for the method's inputs: each source is read and cast straight into its slot.
     stacked = torch.empty((len(order), *anchor.shape), dtype=torch.float32, device=anchor.device)
     for slot, i in enumerate(order):
         stacked[slot].copy_(anchor if i == anchor_at else read(*job.inputs[i])[rows])
-    base = anchor.float() if separate_base else None
-    gen = torch.Generator(device=anchor.device).manual_seed(job.seed) if method.random else None
-    try:
-        out = method.fn(base, stacked, gen=gen, **job.params, **job.per_source)
-    except MergeError as e:
-        raise MergeError(f"{job.name}: {e}") from None
-    if not torch.isfinite(
-        out.sum(dtype=torch.float64)
-    ):  # NaN/Inf anywhere makes it non-finite; fp64 cannot overflow
+    if coefficients is not None:
+        out = combine(coefficients, stacked)
+    else:
+        base = anchor.float() if separate_base else None
+        gen = torch.Generator(device=anchor.device).manual_seed(job.seed) if method.random else None
+        try:
+            out = method.fn(base, stacked, gen=gen, **job.params, **job.per_source)
+        except MergeError as e:
+            raise MergeError(f"{job.name}: {e}") from None
+    _check_finite(job, out)
+    return out.to(job.dtype)
+
+
+def _check_finite(job: TensorJob, out: torch.Tensor) -> None:
+    # NaN/Inf anywhere makes the sum non-finite (one cheap pass); a finite tensor whose fp32 sum overflows
+    # is told apart by the exact check, which only runs then.
+    if not torch.isfinite(out.sum()) and not bool(torch.isfinite(out).all()):
         raise MergeError(
             f"{job.name}: method {job.method} produced NaN or Inf (check the sources and parameters)"
         )
-    return out.to(job.dtype)
 
 
 def open_recipe_sources(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Source]:
@@ -458,25 +485,58 @@ def merge_to_dir(
 
 
 class ResidentPool:
-    """The sources of a search, loaded once onto a device (stored dtype), for in-place candidates."""
+    """The sources of a search, loaded once onto a device for in-place candidates.
 
-    def __init__(self, sources: Mapping[str, Source], device: str | torch.device = "cpu") -> None:
+    Tensors that every source has with the same shape are kept stacked, `[K, *shape]` in pool order, in
+    `dtype` (fp32 by default: the math runs in fp32 anyway; use bf16 to halve memory for large models). A
+    candidate whose recipe is a linear combination of exactly the pool in pool order (task arithmetic,
+    linear; the order `models:` recipes produce when the pool is [sources..., base]) is then one
+    matrix-vector product per tensor, written straight into the target: a memory-bandwidth-bound switch.
+    """
+
+    def __init__(self, sources: Mapping[str, Source], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         self.sources = dict(sources)
         self.device = torch.device(device)
-        self.tensors = {
-            ref: {n: src.read(n, self.device) for n in src.tensors} for ref, src in self.sources.items()
-        }
+        self.refs = list(self.sources)
+        self.index = {ref: i for i, ref in enumerate(self.refs)}
+        self.stacked: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {ref: {} for ref in self.refs}
+        first = self.sources[self.refs[0]]
+        for name, info in first.tensors.items():
+            shared = all(
+                name in s.tensors and s.tensors[name].shape == info.shape for s in self.sources.values()
+            )
+            if shared and info.dtype.is_floating_point:
+                stack = torch.empty((len(self.refs), *info.shape), dtype=dtype, device=self.device)
+                for i, src in enumerate(self.sources.values()):
+                    stack[i].copy_(src.read(name, self.device))
+                self.stacked[name] = stack
+        for ref, src in self.sources.items():
+            for name in src.tensors:
+                if name not in self.stacked:
+                    self.tensors[ref][name] = src.read(name, self.device)
 
     @classmethod
     def from_refs(cls, refs: Iterable[str], *, base: str | None = None, device: str = "cpu",
-                  allow_pickle: bool = False) -> ResidentPool:  # fmt: skip
-        return cls({r: open_source(r, base=base, allow_pickle=allow_pickle) for r in refs}, device)
+                  allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> ResidentPool:  # fmt: skip
+        return cls({r: open_source(r, base=base, allow_pickle=allow_pickle) for r in refs}, device, dtype)
 
     def read(self, ref: str, name: str) -> torch.Tensor:
-        try:
-            return self.tensors[ref][name]
-        except KeyError:
-            raise ConfigError(f"{ref}: not in the resident pool (pool: {', '.join(self.tensors)})") from None
+        if ref not in self.index:
+            raise ConfigError(f"{ref}: not in the resident pool (pool: {', '.join(self.refs)})")
+        stack = self.stacked.get(name)
+        return stack[self.index[ref]] if stack is not None else self.tensors[ref][name]
+
+    def whole_pool_stack(self, job: TensorJob) -> torch.Tensor | None:
+        """The stacked tensor when the job reads the same tensor from every pool model in pool order."""
+        stack = self.stacked.get(job.inputs[0][1])
+        if stack is None or job.vocab_rows is not None or len(job.inputs) != len(self.refs):
+            return None
+        same = all(
+            ref == self.refs[i] and name == job.inputs[0][1] for i, (ref, name) in enumerate(job.inputs)
+        )
+        return stack if same else None
 
 
 @torch.no_grad()
@@ -496,5 +556,10 @@ def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -
             raise ShapeMismatchError(
                 f"{job.name}: target model shape {tuple(target.shape)}, merge gives {job.shape}"
             )
-        target.data.copy_(merge_tensor(job, pool.read))
+        coefficients = linear_form(job)
+        stack = pool.whole_pool_stack(job) if coefficients is not None else None
+        if stack is not None and stack.dtype == target.dtype and target.data.is_contiguous():
+            _check_finite(job, combine(coefficients, stack, out=target.data))  # straight into the target
+        else:
+            target.data.copy_(merge_tensor(job, pool.read))
     return plan_

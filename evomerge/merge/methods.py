@@ -120,6 +120,10 @@ class Method:
     random: bool = False
     in_mergekit: bool = True
     url: str = ""
+    coefficients: Callable[..., list[float] | None] | None = None
+    """For methods that are a fixed linear combination of their inputs (given the parameters): the
+    coefficient of every input, base included, in input order. The engine then merges with one
+    matrix-vector product, which is what makes an in-place candidate switch run at memory bandwidth."""
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -558,6 +562,30 @@ def iso_c(base: Tensor, tensors: Tensor, *, alpha: float = 1.0, **_: Any) -> Ten
     return base + alpha * s.mean() * (u @ vt)
 
 
+# ------------------------------------------------------------------------ linear-combination forms
+
+
+def linear_coefficients(n: int, base_index: int | None, *, weight: tuple[float, ...], normalize: bool = True,
+                        **_: Any) -> list[float] | None:  # fmt: skip
+    """linear = sum_i (w_i / sum w) theta_i (the base, if listed, is an input like any other)."""
+    total = sum(weight)
+    if normalize and abs(total) < 1e-8:
+        return None  # let the method raise its error
+    return [w / total for w in weight] if normalize else list(weight)
+
+
+def task_arithmetic_coefficients(n: int, base_index: int | None, *, weight: tuple[float, ...],
+                                 lambda_: float = 1.0, normalize: bool = False, **_: Any) -> list[float]:  # fmt: skip
+    """theta0 + lambda * sum_i w_i (theta_i - theta0) / D  =  (1 - sum_i c_i) theta0 + sum_i c_i theta_i,
+    with c_i = lambda w_i / D and D = sum w (normalize, unless ~0) or 1."""
+    total = sum(weight)
+    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    experts = iter(lambda_ * w / divisor for w in weight)
+    coeffs = [0.0 if i == base_index else next(experts) for i in range(n)]
+    coeffs[base_index] = 1.0 - sum(coeffs)
+    return coeffs
+
+
 # ---------------------------------------------------------------------------------------- registry
 
 _WEIGHT = Param("weight", per_source=True, search=(0.0, 1.0))
@@ -583,9 +611,11 @@ def _gta(
 
     fn.__name__ = name
     fn.__doc__ = task_arithmetic_family.__doc__
+    coefficients = task_arithmetic_coefficients if sparsify is None and consensus is None else None
     return Method(
-        name, fn, tuple(params), "required", random=sparsify in ("random", "della_magprune"), url=url
-    )
+        name, fn, tuple(params), "required", random=sparsify in ("random", "della_magprune"), url=url,
+        coefficients=coefficients,
+    )  # fmt: skip
 
 
 for _row in (
@@ -595,6 +625,7 @@ for _row in (
         (_WEIGHT, Param("normalize", bool, default=True)),
         "input",
         url="https://arxiv.org/abs/2203.05482",
+        coefficients=linear_coefficients,
     ),
     _gta(
         "task_arithmetic",

@@ -195,3 +195,29 @@ def test_lora_source_merges_like_its_dense_model(tmp_path, pool):
     via_dense = _load_dir(merge_to_dir(recipe(str(tmp_path / "dense")), tmp_path / "b"))
     for k in via_dense:
         torch.testing.assert_close(via_lora[k], via_dense[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_linear_form_in_place_matches_streamed_and_the_formula(tmp_path, pool, method):
+    """Task arithmetic and linear run as one matrix-vector product over the stacked pool, in place."""
+    from transformers import AutoModelForCausalLM
+
+    experts = [str(pool[e]) for e in ("e0", "e1", "e2")]
+    recipe = recipe_from_dict({"merge_method": method, "base_model": str(pool["base"]),
+                               "parameters": {"lambda": 0.8} if method == "task_arithmetic" else {},
+                               "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, (0.5, 0.3, 0.4))]
+                               + ([{"model": str(pool["base"]), "parameters": {"weight": 0.2}}] if method == "linear" else [])})  # fmt: skip
+    rp = ResidentPool.from_refs([*experts, str(pool["base"])])
+    model = AutoModelForCausalLM.from_pretrained(pool["base"])
+    apply_in_place(recipe, rp, model)
+    streamed = _load_dir(merge_to_dir(recipe, tmp_path / "out"))
+    state = model.state_dict()
+    name = "model.layers.1.mlp.down_proj.weight"
+    base, xs = Checkpoint(pool["base"]).read(name), [Checkpoint(e).read(name) for e in experts]
+    if method == "task_arithmetic":
+        expected = base + 0.8 * sum(w * (x - base) for w, x in zip((0.5, 0.3, 0.4), xs))
+    else:
+        expected = (0.5 * xs[0] + 0.3 * xs[1] + 0.4 * xs[2] + 0.2 * base) / 1.4
+    torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-6)
+    for k, v in streamed.items():
+        assert torch.equal(state[k], v), k

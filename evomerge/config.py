@@ -1,0 +1,160 @@
+"""The run YAML: one file describes a search. Pydantic models; every error names the file, field and reason.
+
+```yaml
+name: demo
+models: {zoo: zoo}                       # or {base: path, sources: [path, ...]}
+space: {type: task_vector, low: 0.0, high: 1.0}
+strategy: {name: cma, options: {popsize: 8}}
+evaluator: {type: lmeval, tasks: [zoo_search]}
+objectives: [{name: zoo_rev_search}, {name: zoo_sort_search, weight: 2.0}]   # default: every task
+budget: {candidates: 40}
+workers: {count: 2}
+seed: 0
+output: runs/demo
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Strict):
+    """Either a zoo directory (built or reused: base + experts) or explicit paths."""
+
+    zoo: str | None = None
+    zoo_seed: int = 0
+    base: str | None = None
+    sources: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelsConfig:
+        if self.zoo is None and (self.base is None or not self.sources):
+            raise ValueError("give either zoo: DIR, or base: PATH with sources: [PATH, ...]")
+        if self.zoo is not None and (self.base is not None or self.sources):
+            raise ValueError("give either zoo or base/sources, not both")
+        return self
+
+
+class SpaceConfig(_Strict):
+    """`type`: layerwise | task_vector; other keys go to the space's constructor."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str = "task_vector"
+
+
+class StrategyConfig(_Strict):
+    name: str = "cma"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluatorConfig(_Strict):
+    """lmeval: lm-eval tasks on the merged LLM; function: a Python `module:function` of the recipe
+    (synthetic objectives, benchmarks)."""
+
+    type: Literal["lmeval", "function"] = "lmeval"
+    tasks: list[str] = Field(default_factory=lambda: ["zoo_search"])
+    include_path: str | None = None
+    limit: int | float | None = None
+    subsample: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    function: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _function_named(self) -> EvaluatorConfig:
+        if self.type == "function" and not self.function:
+            raise ValueError("type: function needs function: 'module:function'")
+        return self
+
+
+class Objective(_Strict):
+    name: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+    weight: float = 1.0
+
+
+class BudgetConfig(_Strict):
+    candidates: int | None = Field(default=None, ge=1)
+    forward_passes: int | None = Field(default=None, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.candidates is None and self.forward_passes is None and self.seconds is None:
+            raise ValueError("set at least one of candidates, forward_passes, seconds")
+        return self
+
+
+class WorkersConfig(_Strict):
+    count: int = Field(default=2, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    torch_threads: int = Field(default=1, ge=1)
+    max_retries: int = Field(default=2, ge=0)
+    scheduling: Literal["ordered", "as_completed"] = "ordered"
+
+
+class RunConfig(_Strict):
+    name: str = "search"
+    models: ModelsConfig
+    space: SpaceConfig = SpaceConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    objectives: list[Objective] | None = None
+    budget: BudgetConfig
+    workers: WorkersConfig = WorkersConfig()
+    seed: int = 0
+    output: str | None = None
+    device: str = "auto"
+
+    def content_hash(self) -> str:
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif isinstance(p, str) and not p.startswith(("function-", "literal[")) and p[:1].islower():
+            out += f".{p}" if out else p
+    return out or "<top>"
+
+
+def parse_config(data: Any, where: str) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        first = min(e.errors(), key=lambda err: (err["type"] != "extra_forbidden", -len(err["loc"])))
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"{where}: unknown key '{_loc(first['loc'])}'") from None
+        got = f" (got {first['input']!r})" if not isinstance(first.get("input"), dict) else ""
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {_loc(first['loc'])}: {msg}{got}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return parse_config(data, str(path))

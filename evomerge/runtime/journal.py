@@ -1,0 +1,82 @@
+"""The run journal: an append-only JSONL file, the source of truth of a run.
+
+One line per event, flushed and fsynced before the driver acts on it:
+- `start` / `resume`: a driver session began (config hash, seed, version);
+- `ask`: the strategy was asked for n candidates (the candidates, with genomes and recipes);
+- `result`: a candidate's final result (scores, objectives, per-sample scores, status, attempts);
+- `tell`: the strategy was told these ids, in this order;
+- `end`: the budget was reached.
+
+A driver killed mid-write leaves a torn last line: `read` drops it (with a warning) and truncates the file
+back to the last complete line, so the event simply did not happen and the resumed run redoes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+log = logging.getLogger(__name__)
+
+
+class JournalError(EvomergeError):
+    pass
+
+
+class Journal:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open for the run
+
+    def append(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        self._file.write(line)
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_journal(path: str | Path, *, repair: bool = True) -> list[dict[str, Any]]:
+    """All complete events. A torn final line is dropped (and cut from the file when `repair`); a bad line
+    anywhere else means the file was edited or corrupted: an error naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    events, good_end = [], 0
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and not line:
+            break
+        try:
+            if last:  # no trailing newline: the write of this line did not finish
+                raise ValueError("no newline")
+            events.append(json.loads(line))
+            good_end += len(line) + 1
+        except ValueError:
+            if last or (i == len(lines) - 2 and not lines[-1]):
+                log.warning(
+                    "%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(line)
+                )
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(good_end)
+                        os.fsync(f.fileno())
+                break
+            raise JournalError(
+                f"{path}: line {i + 1} is not valid JSON (the journal was modified or corrupted)"
+            ) from None
+    return events

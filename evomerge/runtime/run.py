@@ -1,0 +1,203 @@
+"""Start or resume a search in a run directory.
+
+A run directory holds `config.yaml` (the run config as given), `journal.jsonl` (every ask, result and
+tell) and, once the budget is reached, `front.json` and `best.yaml`. `resume` rebuilds everything from
+these two files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+import evomerge
+from evomerge.config import Objective, RunConfig, load_config
+from evomerge.errors import ConfigError
+from evomerge.runtime.journal import Journal, read_journal
+from evomerge.runtime.search import Budget, Objectives, Progress, Search, SearchState, WorkerPool, replay
+
+log = logging.getLogger(__name__)
+
+
+def resolve_models(config: RunConfig) -> tuple[str, list[str]]:
+    """(base, sources) as paths; a zoo is built (or reused from its cache) first."""
+    if config.models.zoo is not None:
+        from evomerge.zoo import build_zoo
+
+        paths = build_zoo(Path(config.models.zoo), seed=config.models.zoo_seed)
+        return str(paths["base"]), [str(p) for name, p in sorted(paths.items()) if name != "base"]
+    return config.models.base, list(config.models.sources)
+
+
+def evaluator_spec(config: RunConfig) -> Any:
+    ev = config.evaluator
+    if ev.type == "lmeval":
+        from evomerge.evaluate.lmeval import LMEvalSpec
+
+        return LMEvalSpec(tasks=tuple(ev.tasks), include_path=ev.include_path, limit=ev.limit,
+                          subsample=ev.subsample, seed=config.seed, batch_size=ev.batch_size)  # fmt: skip
+    return None
+
+
+def backend_spec(config: RunConfig, base: str, sources: list[str]) -> Any:
+    from evomerge.runtime.worker import FunctionBackendSpec, MergeBackendSpec
+
+    if config.evaluator.type == "function":
+        return FunctionBackendSpec(config.evaluator.function, dict(config.evaluator.kwargs))
+    return MergeBackendSpec(base, tuple(sources), evaluator_spec(config), device=config.device)
+
+
+def objectives_of(config: RunConfig) -> list[Objective]:
+    """The configured objectives, or every task of the lm-eval evaluator (its task list is built once here)."""
+    if config.objectives:
+        return list(config.objectives)
+    if config.evaluator.type != "lmeval":
+        raise ConfigError("objectives: required with a function evaluator (name each score to optimize)")
+    names = evaluator_spec(config).build().task_names
+    return [Objective(name=n) for n in names]
+
+
+def build_space(config: RunConfig, base: str, sources: list[str]) -> Any:
+    from evomerge.space import SPACES
+
+    options = {k: v for k, v in (config.space.model_extra or {}).items()}
+    cls = SPACES.get(config.space.type)
+    params = inspect.signature(cls).parameters
+    if "num_layers" in params and "num_layers" not in options:
+        from evomerge.checkpoints import Checkpoint
+
+        options["num_layers"] = Checkpoint(base).num_layers
+    try:
+        return cls(base=base, sources=sources, **options)
+    except TypeError as e:
+        raise ConfigError(f"space: {e}") from None
+
+
+def build_strategy(config: RunConfig, space: Any, objectives: list[Objective]) -> Any:
+    from evomerge.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(config.strategy.name)
+    options = dict(config.strategy.options)
+    if "num_workers" in inspect.signature(cls).parameters and "num_workers" not in options:
+        options["num_workers"] = config.workers.count
+    return cls(space, n_objectives=len(objectives), seed=config.seed, weights=[o.weight for o in objectives],
+               budget=config.budget.candidates, **options)  # fmt: skip
+
+
+def init_ray(address: str | None, config: RunConfig) -> bool:
+    """Connect to `address` or start a local Ray; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        cpus = max(os.cpu_count() or 1, int(np.ceil(config.workers.count * config.workers.num_cpus)))
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def create_run_dir(config: RunConfig, config_path: Path | None, out: Path | None) -> Path:
+    run_dir = Path(out or config.output or Path("runs") / config.name)
+    if (run_dir / "journal.jsonl").exists():
+        raise ConfigError(
+            f"{run_dir}: already holds a run; continue it with `evomerge resume {run_dir}` or pick --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config_path is not None:
+        shutil.copyfile(config_path, run_dir / "config.yaml")
+    else:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return run_dir
+
+
+def write_results(run_dir: Path, state: SearchState, objectives: Objectives) -> dict[str, Any]:
+    """front.json (non-dominated candidates with scores and recipes) and best.yaml (best weighted)."""
+    from evomerge.merge.mergekit_io import dump_recipe_yaml
+    from evomerge.pareto import non_dominated
+
+    ok = [r for r in state.results.values() if r["status"] == "ok"]
+    if not ok:
+        return {"front": [], "best": None}
+    points = np.array([r["objectives"] for r in ok])
+    front = [ok[i] for i in np.flatnonzero(non_dominated(points))]
+    best = max(ok, key=lambda r: float(np.dot(objectives.weights, r["objectives"])))
+
+    def row(r: dict[str, Any]) -> dict[str, Any]:
+        return {"id": r["id"], "scores": r["scores"], "objectives": r["objectives"],
+                "recipe": state.candidates[r["id"]].recipe.to_dict()}  # fmt: skip
+
+    summary = {"objectives": objectives.names, "front": [row(r) for r in front], "best": row(best)}
+    tmp = run_dir / "front.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "front.json")
+    (run_dir / "best.yaml").write_text(dump_recipe_yaml(state.candidates[best["id"]].recipe))
+    return summary
+
+
+def execute(
+    run_dir: Path,
+    config: RunConfig,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> tuple[SearchState, dict[str, Any]]:
+    """Run (or continue) the search of `run_dir` to its budget."""
+    base, sources = resolve_models(config)
+    objectives = Objectives(objectives_of(config))
+    space = build_space(config, base, sources)
+    strategy = build_strategy(config, space, objectives.items)
+    events = read_journal(run_dir / "journal.jsonl")
+    if events and not resume:
+        raise ConfigError(f"{run_dir}: already holds a run; use `evomerge resume {run_dir}`")
+    state = replay(events, strategy, objectives)
+    started = init_ray(address, config)
+    pool = WorkerPool(backend_spec(config, base, sources), count=config.workers.count,
+                      num_cpus=config.workers.num_cpus, num_gpus=config.workers.num_gpus,
+                      torch_threads=config.workers.torch_threads)  # fmt: skip
+    budget = Budget(config.budget.candidates, config.budget.forward_passes, config.budget.seconds)
+    try:
+        with Journal(run_dir / "journal.jsonl") as journal:
+            journal.append({"event": "resume" if events else "start", "t": time.time(), "seed": config.seed,
+                            "config_hash": config.content_hash(), "version": evomerge.__version__})  # fmt: skip
+            search = Search(strategy, objectives, journal, pool, state, budget,
+                            scheduling=config.workers.scheduling, max_retries=config.workers.max_retries,
+                            on_progress=on_progress)  # fmt: skip
+            state = search.run()
+    finally:
+        pool.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
+    return state, write_results(run_dir, state, objectives)
+
+
+def start(config_path: Path, *, out: Path | None = None, address: str | None = None, workers: int | None = None,
+          on_progress: Callable[[Progress], None] | None = None) -> tuple[Path, SearchState, dict[str, Any]]:  # fmt: skip
+    config = load_config(config_path)
+    if workers is not None:
+        config = config.model_copy(update={"workers": config.workers.model_copy(update={"count": workers})})
+    run_dir = create_run_dir(config, config_path if workers is None else None, out)
+    state, summary = execute(run_dir, config, address=address, on_progress=on_progress)
+    return run_dir, state, summary
+
+
+def resume(run_dir: Path, *, address: str | None = None,
+           on_progress: Callable[[Progress], None] | None = None) -> tuple[SearchState, dict[str, Any]]:  # fmt: skip
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    return execute(run_dir, config, address=address, resume=True, on_progress=on_progress)

@@ -1,0 +1,345 @@
+"""The search loop: a strategy on the driver, a pool of Ray workers, the journal in between.
+
+Scheduling keeps every worker busy: whenever a result comes back, the strategy is told and asked for a
+new candidate, which goes to the idle worker. Two modes:
+- `ordered` (default): results are told in ask order, and each tell is followed by exactly one ask(1).
+  The strategy's call sequence is then ask(W), tell(c1), ask(1), tell(c2), ask(1), ... whatever the
+  arrival order, so a run is reproducible from its seed (a worker only idles while an older candidate is
+  still running).
+- `as_completed`: results are told on arrival (best throughput with uneven evaluation times).
+Either way the journal records the exact call sequence, and resume replays it: the replayed asks must give
+the same candidates (checked), the recorded results are told again without re-evaluation, and only
+candidates without a result are run again.
+
+Faults: an evaluator that raises is retried up to `max_retries`, then recorded as failed with the reason;
+a worker process that dies is restarted by Ray (max_restarts) and its candidate re-run elsewhere; no
+candidate is lost or counted twice (one `result` event per candidate).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evomerge.config import Objective
+from evomerge.errors import EvomergeError
+from evomerge.runtime.journal import Journal
+from evomerge.strategies.base import Candidate, Result, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(EvomergeError):
+    pass
+
+
+@dataclass
+class SearchState:
+    """Everything the driver knows, rebuilt from the journal on resume."""
+
+    candidates: dict[str, Candidate] = field(default_factory=dict)  # in ask order
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    told: list[str] = field(default_factory=list)
+    active_seconds: float = 0.0
+    ended: bool = False
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(int(r.get("forward_passes", 0)) for r in self.results.values())
+
+    def untold(self) -> list[str]:
+        told = set(self.told)
+        return [cid for cid in self.candidates if cid not in told]
+
+
+class Objectives:
+    """Evaluation scores -> the maximized objective vector the strategy sees."""
+
+    def __init__(self, objectives: list[Objective]) -> None:
+        self.items = objectives
+        self.names = [o.name for o in objectives]
+        self.signs = np.array([1.0 if o.direction == "maximize" else -1.0 for o in objectives])
+        self.weights = np.array([o.weight for o in objectives])
+
+    def vector(self, scores: dict[str, float]) -> np.ndarray:
+        missing = [n for n in self.names if n not in scores]
+        if missing:
+            raise EvomergeError(
+                f"objective {missing[0]!r} is not among the evaluator's scores ({', '.join(scores)})"
+            )
+        return self.signs * np.array([scores[n] for n in self.names], dtype=np.float64)
+
+
+def to_result(event: dict[str, Any], objectives: Objectives) -> Result:
+    if event["status"] != "ok":
+        return Result(event["id"], None, failed=True)
+    samples = event.get("samples") or {}
+    row = np.concatenate([np.asarray(v, dtype=np.float64) for v in samples.values()]) if samples else None
+    return Result(event["id"], np.asarray(event["objectives"], dtype=np.float64), samples=row)
+
+
+def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objectives) -> SearchState:
+    """Rebuild the strategy's state and the driver's bookkeeping from journal events."""
+    state = SearchState()
+    session_start = last_t = None
+    for ev in events:
+        kind = ev["event"]
+        if kind in ("start", "resume"):
+            if session_start is not None:
+                state.active_seconds += last_t - session_start
+            session_start = ev["t"]
+        elif kind == "ask":
+            asked = strategy.ask(ev["n"])
+            recorded = [Candidate.from_json(c) for c in ev["candidates"]]
+            for new, old in zip(asked, recorded, strict=True):
+                same_genome = (new.genome is None and old.genome is None) or (
+                    new.genome is not None
+                    and old.genome is not None
+                    and np.allclose(new.genome, old.genome, rtol=0, atol=1e-12)
+                )
+                if new.id != old.id or not same_genome or new.recipe != old.recipe:
+                    raise ResumeError(
+                        f"journal replay diverged at candidate {old.id}: the strategy now proposes something else "
+                        "(was the config, seed or evomerge version changed?)"
+                    )
+                state.candidates[old.id] = old
+        elif kind == "result":
+            state.results[ev["id"]] = ev
+        elif kind == "tell":
+            strategy.tell([to_result(state.results[cid], objectives) for cid in ev["ids"]])
+            state.told.extend(ev["ids"])
+        elif kind == "end":
+            state.ended = True
+        last_t = ev.get("t", last_t)
+    if session_start is not None and last_t is not None:
+        state.active_seconds += last_t - session_start
+    return state
+
+
+class WorkerPool:
+    """Ray actors running `Worker`; restarted by Ray when their process dies."""
+
+    def __init__(
+        self, backend: Any, *, count: int, num_cpus: float, num_gpus: float, torch_threads: int
+    ) -> None:
+        import ray
+
+        from evomerge.runtime.worker import Worker
+
+        remote = ray.remote(Worker).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0
+        )
+        self.actors = [remote.remote(backend, torch_threads) for _ in range(count)]
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+@dataclass
+class Budget:
+    candidates: int | None = None
+    forward_passes: int | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class Progress:
+    """What the CLI shows while a search runs."""
+
+    done: int
+    asked: int
+    failed: int
+    in_flight: int
+    best: dict[str, float]
+    front_size: int
+    seconds: float
+    budget: Budget
+
+
+def _best_scores(state: SearchState, names: list[str]) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for r in state.results.values():
+        if r["status"] == "ok":
+            for n in names:
+                if n in r["scores"]:
+                    best[n] = max(best.get(n, -np.inf), r["scores"][n])
+    return best
+
+
+class Search:
+    """Drive one search to its budget (fresh or resumed)."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        objectives: Objectives,
+        journal: Journal,
+        pool: WorkerPool,
+        state: SearchState,
+        budget: Budget,
+        *,
+        scheduling: str = "ordered",
+        max_retries: int = 2,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.strategy, self.objectives, self.journal, self.pool = strategy, objectives, journal, pool
+        self.state, self.budget, self.scheduling, self.max_retries = state, budget, scheduling, max_retries
+        self.on_progress = on_progress
+        self.attempts: dict[str, int] = {}
+        self.session_start = time.time()
+
+    # ------------------------------------------------------------------ budget and bookkeeping
+    def elapsed(self) -> float:
+        return self.state.active_seconds + time.time() - self.session_start
+
+    def can_ask(self) -> bool:
+        b, s = self.budget, self.state
+        if b.candidates is not None and len(s.candidates) >= b.candidates:
+            return False
+        if b.forward_passes is not None and s.forward_passes >= b.forward_passes:
+            return False
+        return not (b.seconds is not None and self.elapsed() >= b.seconds)
+
+    def _ask(self, n: int) -> None:
+        if self.budget.candidates is not None:
+            n = min(n, self.budget.candidates - len(self.state.candidates))
+        if n <= 0:
+            return
+        batch = self.strategy.ask(n)
+        self.journal.append(
+            {"event": "ask", "t": time.time(), "n": n, "candidates": [c.to_json() for c in batch]}
+        )
+        for c in batch:
+            self.state.candidates[c.id] = c
+
+    def _tell(self, ids: list[str]) -> None:
+        self.strategy.tell([to_result(self.state.results[i], self.objectives) for i in ids])
+        self.journal.append({"event": "tell", "t": time.time(), "ids": ids})
+        self.state.told.extend(ids)
+
+    def _record(self, cid: str, payload: dict[str, Any] | None, error: str | None) -> None:
+        event: dict[str, Any] = {
+            "event": "result",
+            "t": time.time(),
+            "id": cid,
+            "attempts": self.attempts.get(cid, 1),
+        }
+        if payload is not None:
+            try:
+                objectives = self.objectives.vector(payload["scores"])
+                if not np.all(np.isfinite(objectives)):
+                    raise EvomergeError(f"non-finite objective values {objectives.tolist()}")
+            except EvomergeError as e:
+                payload, error = None, str(e)
+        if payload is None:
+            event.update(status="failed", error=error, scores={}, objectives=None, forward_passes=0)
+        else:
+            event.update(status="ok", scores=payload["scores"], objectives=objectives.tolist(),
+                         samples=payload["samples"], forward_passes=payload["forward_passes"],
+                         seconds=payload["seconds"], pid=payload["pid"])  # fmt: skip
+        self.journal.append(event)
+        self.state.results[cid] = event
+
+    def _after_result(self, cid: str) -> None:
+        if self.scheduling == "as_completed":
+            self._tell([cid])
+            if self.can_ask():
+                self._ask(1)
+            return
+        for pending in self.state.untold():
+            if pending not in self.state.results:
+                break
+            self._tell([pending])
+            if self.can_ask():
+                self._ask(1)
+
+    def progress(self, in_flight: int) -> Progress:
+        from evomerge.pareto import non_dominated
+
+        ok = [r for r in self.state.results.values() if r["status"] == "ok"]
+        front = non_dominated(np.array([r["objectives"] for r in ok])) if ok else np.zeros(0, bool)
+        return Progress(
+            done=len(self.state.results), asked=len(self.state.candidates),
+            failed=sum(r["status"] != "ok" for r in self.state.results.values()), in_flight=in_flight,
+            best=_best_scores(self.state, self.objectives.names), front_size=int(front.sum()),
+            seconds=self.elapsed(), budget=self.budget,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> SearchState:
+        import ray
+
+        # results recorded but not yet told (ordered mode, killed while an older candidate ran)
+        self._after_result_all()
+        if not self.state.candidates and self.can_ask():
+            self._ask(len(self.pool.actors))
+        idle = list(range(len(self.pool.actors)))
+        in_flight: dict[Any, tuple[str, int]] = {}
+        while True:
+            running = {cid for cid, _ in in_flight.values()}
+            for cid in [c for c in self.state.candidates if c not in self.state.results and c not in running]:
+                if not idle:
+                    break
+                w = idle.pop(0)
+                self.attempts[cid] = self.attempts.get(cid, 0) + 1
+                recipe = self.state.candidates[cid].recipe.to_dict()
+                in_flight[self.pool.actors[w].evaluate.remote(cid, recipe)] = (cid, w)
+            if self.on_progress:
+                self.on_progress(self.progress(len(in_flight)))
+            if not in_flight:
+                if self.can_ask() and not self.state.untold():
+                    self._ask(1)
+                    continue
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+            for ref in ready:
+                cid, w = in_flight.pop(ref)
+                idle.append(w)
+                try:
+                    payload = ray.get(ref)
+                except ray.exceptions.RayActorError as e:  # the worker process died: re-run elsewhere
+                    log.warning("worker %d died while evaluating %s: %s", w, cid, type(e).__name__)
+                    if self.attempts[cid] > self.max_retries:
+                        self._record(
+                            cid, None, f"worker died {self.attempts[cid]} times ({type(e).__name__})"
+                        )
+                        self._after_result(cid)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    message = f"{type(cause).__name__}: {cause}"
+                    log.warning("candidate %s failed (attempt %d): %s", cid, self.attempts[cid], message)
+                    if self.attempts[cid] <= self.max_retries:
+                        continue
+                    self._record(cid, None, message)
+                    self._after_result(cid)
+                    continue
+                self._record(cid, payload, None)
+                self._after_result(cid)
+        if not self.can_ask() and not self.state.ended:
+            self.journal.append({"event": "end", "t": time.time(), "candidates": len(self.state.results)})
+            self.state.ended = True
+        return self.state
+
+    def _after_result_all(self) -> None:
+        """Tell what the journal holds results for but the strategy was not told (in the mode's order)."""
+        if self.scheduling == "as_completed":
+            for cid in [c for c in self.state.untold() if c in self.state.results]:
+                self._tell([cid])
+                if self.can_ask():
+                    self._ask(1)
+        else:
+            self._after_result("")
