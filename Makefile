@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(VENV)/bin/evomerge demo --out demo_out
+	$(VENV)/bin/evomerge demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check evomerge tests tools
@@ -29,4 +29,4 @@ bench: $(STAMP)
 	$(PY) tools/bench_merge.py
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf runs/demo .pytest_cache

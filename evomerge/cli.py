@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not verbose:  # the CLI draws its own progress; library bars and lm-eval's notices would interleave
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def _parse_size(text: str) -> int:
@@ -89,44 +94,41 @@ def merge(
 
 @app.command()
 def demo(
-    config: Annotated[
-        Path, typer.Option(help="Merge YAML whose models the demo builds when missing.")
-    ] = Path("configs/demo_merge.yaml"),
-    out: Annotated[Path, typer.Option(help="Where the merged model goes (OUT/merged).")] = Path("demo_out"),
-    seed: Annotated[int, typer.Option(help="Seed of the tiny models.")] = 0,
+    config: Annotated[Path, typer.Option(help="The demo's run YAML.")] = Path("configs/demo.yaml"),
+    out: Annotated[Path, typer.Option(help="Run directory (replaced if it exists).")] = Path("runs/demo"),
 ) -> None:
-    """Build the tiny models CONFIG names (cached), merge them, and check the result loads and runs."""
-    import time
+    """Zoo (cached) -> a search over it -> best merge vs every expert and tuned task arithmetic on the test split."""
+    import shutil
 
     from rich.table import Table
 
-    from evomerge.demo import build_missing_models, score_models
-    from evomerge.errors import EvomergeError
-    from evomerge.merge.engine import merge_to_dir
-    from evomerge.merge.mergekit_io import load_recipe
+    from evomerge.config import load_config
+    from evomerge.demo import compare_on_test
+    from evomerge.merge.recipe import Recipe
+    from evomerge.runtime.run import resolve_models, start
 
     console = Console()
     try:
-        recipe = load_recipe(config)
-        built = build_missing_models(recipe, seed=seed)
-        console.print(f"models: {len(built)} built, {len(recipe.referenced_models()) - len(built)} cached")
-        start = time.perf_counter()
-        merged = merge_to_dir(recipe, out / "merged", overwrite=True)
-        seconds = time.perf_counter() - start
-        scores = score_models(
-            {**{r: Path(r) for r in recipe.referenced_models()}, "merged": merged}, seed=seed
-        )
-    except EvomergeError as e:
-        _fail(str(e))
-    table = Table(
-        title=f"{recipe.merge_method} merge of {len(recipe.referenced_models())} models ({seconds:.2f} s)"
-    )
-    for col in ("model", "loss on held-out random tokens", "distance to merged (L2)"):
-        table.add_column(col)
-    for name, (loss, dist) in scores.items():
-        table.add_row(name, f"{loss:.4f}", f"{dist:.4f}")
+        base, experts = resolve_models(load_config(config))
+    except Exception as e:  # noqa: BLE001 - report any zoo failure as one line
+        _fail(f"zoo: {e}")
+    console.print(f"zoo: base {base}, experts {', '.join(Path(e).name for e in experts)}")
+    shutil.rmtree(out, ignore_errors=True)
+    run_dir, _state, summary = _search(lambda cb: start(config, out=out, on_progress=cb))
+    _print_summary(console, run_dir, summary)
+    if summary["best"] is None:
+        _fail("the search produced no successful candidate")
+    tasks, rows = compare_on_test(base, experts, Recipe.model_validate(summary["best"]["recipe"]))
+    table = Table(title="held-out test split, exact match (%)")
+    table.add_column("model")
+    for t in tasks:
+        table.add_column(t.removeprefix("zoo_"), justify="right")
+    table.add_column("mean", justify="right")
+    for label, scores in rows:
+        values = [scores[t] * 100 for t in tasks]
+        table.add_row(label, *(f"{v:.1f}" for v in values), f"{sum(values) / len(values):.1f}")
     console.print(table)
-    console.print(f"merged model: {merged}  (recipe: {merged / 'evomerge_recipe.yaml'})")
+    console.print(f"run dir: {run_dir}  (best recipe: {run_dir / 'best.yaml'}; journal, front.json)")
 
 
 def _progress_view(p: Any) -> Any:
@@ -148,7 +150,11 @@ def _progress_view(p: Any) -> Any:
     return table
 
 
+MAX_FRONT_ROWS = 10
+
+
 def _print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> None:
+    import numpy as np
     from rich.table import Table
 
     best = summary.get("best")
@@ -156,11 +162,14 @@ def _print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> 
         console.print(f"no successful candidate; journal: {run_dir / 'journal.jsonl'}")
         return
     names = summary["objectives"]
-    table = Table(title=f"Pareto front ({len(summary['front'])} candidates)")
+    front = sorted(summary["front"], key=lambda r: -float(np.mean(r["objectives"])))
+    shown = front[:MAX_FRONT_ROWS]
+    more = f", the {len(shown)} best by mean shown" if len(front) > len(shown) else ""
+    table = Table(title=f"Pareto front ({len(front)} candidates{more})")
     table.add_column("candidate")
     for n in names:
         table.add_column(n, justify="right")
-    for row in summary["front"]:
+    for row in shown:
         mark = " (best)" if row["id"] == best["id"] else ""
         table.add_row(row["id"] + mark, *(f"{row['scores'][n]:.4f}" for n in names))
     console.print(table)

@@ -1,47 +1,56 @@
-"""The pre-search demo: build the tiny models a merge YAML names, merge them, and check the merged model."""
+"""`make demo`: the zoo (cached), a search over it, and an honest comparison on the held-out test split.
+
+The search optimizes the validation split (`zoo_search`); the table compares, on the test split (`zoo`),
+the base, every expert, the best hand-tuned task-arithmetic merge (lambda picked on validation, as a user
+would) and the search's best candidate.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from evomerge.merge.recipe import Recipe
-from evomerge.zoo import make_random_llama
+LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 
 
-def build_missing_models(recipe: Recipe, seed: int = 0) -> list[str]:
-    """Create every model path the recipe references that does not exist yet: the base first, then
-    experts near it. Returns the refs that were built."""
-    refs = recipe.referenced_models()
-    base = Path(recipe.base_model or refs[0])
-    built = []
-    if not base.exists():
-        make_random_llama(base, seed)
-        built.append(str(base))
-    for i, ref in enumerate(refs):
-        if not Path(ref).exists():
-            make_random_llama(Path(ref), seed + i + 1, base=base)
-            built.append(ref)
-    return built
+def task_arithmetic(base: str, experts: list[str], lam: float) -> Any:
+    from evomerge.merge.mergekit_io import recipe_from_dict
+
+    return recipe_from_dict({
+        "merge_method": "task_arithmetic", "base_model": base, "parameters": {"lambda": lam},
+        "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts],
+    })  # fmt: skip
 
 
-@torch.no_grad()
-def score_models(models: dict[str, Path], seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Per model: next-token loss on a fixed random batch, and the L2 distance of its weights to the last
-    model of `models` (the merge)."""
-    from transformers import AutoModelForCausalLM
+def compare_on_test(
+    base: str, experts: list[str], best_recipe: Any
+) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Rows (label, {task: exact match}) on the test split: base, experts, tuned TA, search best."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = {
-        name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        for name, path in models.items()
-    }
-    merged = list(loaded.values())[-1].state_dict()
-    vocab = next(iter(loaded.values())).config.vocab_size
-    tokens = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(seed))
-    out = {}
-    for name, model in loaded.items():
-        loss = model(input_ids=tokens, labels=tokens).loss.item()
-        dist = sum(((p - merged[n]) ** 2).sum() for n, p in model.state_dict().items()) ** 0.5
-        out[name] = (loss, float(dist))
-    return out
+    from evomerge.evaluate.lmeval import LMEvalSpec
+    from evomerge.merge.engine import ResidentPool, apply_in_place
+
+    torch.set_num_threads(2)
+    test = LMEvalSpec(tasks=("zoo",), batch_size=128).build()
+    val = LMEvalSpec(tasks=("zoo_search",), batch_size=128).build()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    pool = ResidentPool.from_refs([*experts, base])
+    rows = []
+    for label, path in [("base", base)] + [(Path(e).name, e) for e in experts]:
+        single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        rows.append((label, test.evaluate(single, tokenizer).scores))
+    tuned = []
+    for lam in LAMBDAS:
+        apply_in_place(task_arithmetic(base, experts, lam), pool, model)
+        tuned.append((sum(val.evaluate(model, tokenizer).scores.values()), lam))
+    lam = max(tuned)[1]
+    apply_in_place(task_arithmetic(base, experts, lam), pool, model)
+    rows.append(
+        (f"task arithmetic, lambda {lam} (tuned on validation)", test.evaluate(model, tokenizer).scores)
+    )
+    apply_in_place(best_recipe, pool, model)
+    rows.append(("evomerge search best", test.evaluate(model, tokenizer).scores))
+    return test.task_names, rows

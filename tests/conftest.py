@@ -14,3 +14,11 @@ from helpers import make_pool  # noqa: E402
 def pool(tmp_path_factory) -> dict[str, Path]:
     """A tiny random Llama base and three experts near it (fp32, 4 layers, vocab 64)."""
     return make_pool(tmp_path_factory.mktemp("pool"))
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """The trained demo zoo (seed 0): {'base': ..., 'expert_rev': ..., ...}; built once per session (~2.5 min)."""
+    from evomerge.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
