@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -101,7 +101,28 @@ class _OptunaStrategy(Strategy):
                 self.study.tell(trial, [float(v) for v in r.objectives])
 
 
-class NSGA2(_OptunaStrategy):
+class _NSGA(_OptunaStrategy):
+    """Shared constructor of the NSGA variants; they differ only in optuna's sampler class."""
+
+    sampler_class: ClassVar[str]
+
+    def __init__(self, space: Space, *, n_objectives: int = 1, seed: int = 0,
+                 weights: Sequence[float] | None = None, budget: int | None = None,
+                 population_size: int = 50, **unknown: Any) -> None:  # fmt: skip
+        if unknown:
+            raise _unknown_options(self.name, unknown, ["population_size"])
+        _check_int(self.name, "population_size", population_size, 2)
+        self.population_size = population_size
+        sampler_class = self.sampler_class
+
+        def sampler(optuna: Any) -> Any:
+            return getattr(optuna.samplers, sampler_class)(seed=seed, population_size=population_size)
+
+        super().__init__(space, n_objectives=n_objectives, seed=seed, weights=weights, budget=budget,
+                         sampler=sampler)  # fmt: skip
+
+
+class NSGA2(_NSGA):
     """NSGA-II (Deb et al. 2002) via optuna's `NSGAIISampler`: non-dominated sorting and crowding distance,
     uniform crossover, steady-state generations of `population_size` completed trials.
 
@@ -109,23 +130,10 @@ class NSGA2(_OptunaStrategy):
     """
 
     name = "nsga2"
-
-    def __init__(self, space: Space, *, n_objectives: int = 1, seed: int = 0,
-                 weights: Sequence[float] | None = None, budget: int | None = None,
-                 population_size: int = 50, **unknown: Any) -> None:  # fmt: skip
-        if unknown:
-            raise _unknown_options(self.name, unknown, ["population_size"])
-        _check_int(self.name, "population_size", population_size, 2)
-        self.population_size = population_size
-
-        def sampler(optuna: Any) -> Any:
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size)
-
-        super().__init__(space, n_objectives=n_objectives, seed=seed, weights=weights, budget=budget,
-                         sampler=sampler)  # fmt: skip
+    sampler_class = "NSGAIISampler"
 
 
-class NSGA3(_OptunaStrategy):
+class NSGA3(_NSGA):
     """NSGA-III (Deb & Jain 2014) via optuna's `NSGAIIISampler`: NSGA-II with reference-point niching
     instead of crowding distance (for three or more objectives).
 
@@ -133,20 +141,7 @@ class NSGA3(_OptunaStrategy):
     """
 
     name = "nsga3"
-
-    def __init__(self, space: Space, *, n_objectives: int = 1, seed: int = 0,
-                 weights: Sequence[float] | None = None, budget: int | None = None,
-                 population_size: int = 50, **unknown: Any) -> None:  # fmt: skip
-        if unknown:
-            raise _unknown_options(self.name, unknown, ["population_size"])
-        _check_int(self.name, "population_size", population_size, 2)
-        self.population_size = population_size
-
-        def sampler(optuna: Any) -> Any:
-            return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population_size)
-
-        super().__init__(space, n_objectives=n_objectives, seed=seed, weights=weights, budget=budget,
-                         sampler=sampler)  # fmt: skip
+    sampler_class = "NSGAIIISampler"
 
 
 class TPE(_OptunaStrategy):
