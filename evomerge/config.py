@@ -107,6 +107,15 @@ class WorkersConfig(_Strict):
     scheduling: Literal["ordered", "as_completed"] = "ordered"
 
 
+class TrackingConfig(_Strict):
+    """MLflow: by default a sqlite store in the run dir (`sqlite:///RUN_DIR/mlflow.db`, artifacts there too);
+    `uri` points at a team server instead."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None
+
+
 class RunConfig(_Strict):
     name: str = "search"
     models: ModelsConfig
@@ -119,6 +128,7 @@ class RunConfig(_Strict):
     seed: int = 0
     output: str | None = None
     device: str = "auto"
+    tracking: TrackingConfig = TrackingConfig()
 
     def content_hash(self) -> str:
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -24,7 +24,16 @@ import evomerge
 from evomerge.config import Objective, RunConfig, load_config
 from evomerge.errors import ConfigError
 from evomerge.runtime.journal import Journal, read_journal
-from evomerge.runtime.search import Budget, Objectives, Progress, Search, SearchState, WorkerPool, replay
+from evomerge.runtime.search import (
+    Budget,
+    Objectives,
+    Observer,
+    Progress,
+    Search,
+    SearchState,
+    WorkerPool,
+    replay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +162,7 @@ def execute(
     address: str | None = None,
     resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
+    observers: list[Observer] | None = None,
 ) -> tuple[SearchState, dict[str, Any]]:
     """Run (or continue) the search of `run_dir` to its budget."""
     base, sources = resolve_models(config)
@@ -174,7 +184,7 @@ def execute(
                             "config_hash": config.content_hash(), "version": evomerge.__version__})  # fmt: skip
             search = Search(strategy, objectives, journal, pool, state, budget,
                             scheduling=config.workers.scheduling, max_retries=config.workers.max_retries,
-                            on_progress=on_progress)  # fmt: skip
+                            on_progress=on_progress, observers=observers)  # fmt: skip
             state = search.run()
     finally:
         pool.shutdown()

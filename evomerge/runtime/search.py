@@ -148,6 +148,17 @@ class WorkerPool:
             ray.kill(a, no_restart=True)
 
 
+class Observer:
+    """Hooks the search calls after each journal write (tracking, live plots). Implementations must return
+    quickly (queue the work) and must not raise: the journal, not an observer, is the record of the run."""
+
+    def on_ask(self, candidates: list[Candidate]) -> None: ...
+
+    def on_result(self, event: dict[str, Any], candidate: Candidate) -> None: ...
+
+    def on_end(self, state: SearchState) -> None: ...
+
+
 @dataclass
 class Budget:
     candidates: int | None = None
@@ -194,10 +205,12 @@ class Search:
         scheduling: str = "ordered",
         max_retries: int = 2,
         on_progress: Callable[[Progress], None] | None = None,
+        observers: list[Observer] | None = None,
     ) -> None:
         self.strategy, self.objectives, self.journal, self.pool = strategy, objectives, journal, pool
         self.state, self.budget, self.scheduling, self.max_retries = state, budget, scheduling, max_retries
         self.on_progress = on_progress
+        self.observers = list(observers or [])
         self.attempts: dict[str, int] = {}
         self.session_start = time.time()
 
@@ -224,6 +237,7 @@ class Search:
         )
         for c in batch:
             self.state.candidates[c.id] = c
+        self._notify("on_ask", batch)
 
     def _tell(self, ids: list[str]) -> None:
         self.strategy.tell([to_result(self.state.results[i], self.objectives) for i in ids])
@@ -252,6 +266,7 @@ class Search:
                          seconds=payload["seconds"], pid=payload["pid"])  # fmt: skip
         self.journal.append(event)
         self.state.results[cid] = event
+        self._notify("on_result", event, self.state.candidates[cid])
 
     def _after_result(self, cid: str) -> None:
         if self.scheduling == "as_completed":
@@ -332,7 +347,15 @@ class Search:
         if not self.can_ask() and not self.state.ended:
             self.journal.append({"event": "end", "t": time.time(), "candidates": len(self.state.results)})
             self.state.ended = True
+        self._notify("on_end", self.state)
         return self.state
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:  # an observer must never stop the search
+                log.exception("observer %s failed in %s", type(observer).__name__, hook)
 
     def _after_result_all(self) -> None:
         """Tell what the journal holds results for but the strategy was not told (in the mode's order)."""
