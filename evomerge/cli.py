@@ -225,7 +225,12 @@ def resume(
 
 
 @app.command()
-def front(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+def front(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Also write pareto.png and progress.png into RUN_DIR.")
+    ] = False,
+) -> None:
     """Print the current Pareto front of a run (finished or still running) from its journal."""
     from evomerge.errors import EvomergeError
     from evomerge.runtime.front import front_from_journal
@@ -235,6 +240,41 @@ def front(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> 
     except EvomergeError as e:
         _fail(str(e))
     _print_summary(Console(), run_dir, summary)
+    if plot:
+        from evomerge.tracking import load_record, write_plots
+
+        try:
+            paths = write_plots(load_record(run_dir)[1], run_dir)
+        except EvomergeError as e:
+            _fail(str(e))
+        except ImportError as e:
+            _fail(f"--plot needs matplotlib ({e})")
+        for path in paths:
+            print(f"wrote {path}")
+
+
+@app.command()
+def sync(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    uri: Annotated[
+        str | None,
+        typer.Option(help="Tracking store (default: the run config's tracking.uri, else RUN_DIR/mlflow.db)."),
+    ] = None,
+) -> None:
+    """Bring the MLflow store up to date with the run's journal (missing runs, metrics, tags, artifacts)."""
+    from evomerge.errors import EvomergeError
+    from evomerge.tracking import sync as sync_run
+
+    try:
+        report = sync_run(run_dir, uri=uri)
+    except EvomergeError as e:
+        _fail(str(e))
+    state = "changed" if report["changed"] else "already up to date"
+    print(
+        f"{report['uri']}: parent run {report['parent_run_id']} {state}; {report['children']} candidates, "
+        f"{report['created']} child runs created, {report['updated']} updated, {report['removed']} duplicates "
+        f"removed, {report['parent_metrics']} parent metric values logged"
+    )
 
 
 @app.command()
@@ -269,6 +309,34 @@ def zoo(
         table.add_row(name, *(f"{row[t]:.1f}" for t in tasks))
     console.print(table)
     console.print(f"zoo: {out} ({', '.join(paths)}); scores: {out / 'SCORES.md'}")
+
+
+@app.command()
+def ui(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run directory (its mlflow.db).")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Any MLflow tracking URI instead of a run dir.")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Serve the MLflow UI for a run's store on 127.0.0.1 and print its URL (Ctrl-C stops it)."""
+    from evomerge.errors import EvomergeError
+    from evomerge.ui import experiment_url, run_experiment_id, start_server, store_uri
+
+    try:
+        uri = store_uri(run_dir, tracking_uri)
+        experiment = run_experiment_id(uri, run_dir) if uri.startswith("sqlite") else None
+        proc = start_server(uri, port=port)
+    except EvomergeError as e:
+        _fail(str(e))
+    print(f"MLflow UI: {experiment_url('127.0.0.1', port, experiment)}", flush=True)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m evomerge`

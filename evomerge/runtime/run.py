@@ -178,6 +178,13 @@ def execute(
                       num_cpus=config.workers.num_cpus, num_gpus=config.workers.num_gpus,
                       torch_threads=config.workers.torch_threads)  # fmt: skip
     budget = Budget(config.budget.candidates, config.budget.forward_passes, config.budget.seconds)
+    tracker = None
+    if config.tracking.enabled:  # MLflow in a side process; on resume it re-attaches to the run and catches up
+        from evomerge.tracking import MLflowTracker
+
+        tracker = MLflowTracker(run_dir, config, objectives=objectives.items, gene_names=space.names,
+                                resumed=bool(events))  # fmt: skip
+        observers = [*(observers or []), tracker]
     try:
         with Journal(run_dir / "journal.jsonl") as journal:
             journal.append({"event": "resume" if events else "start", "t": time.time(), "seed": config.seed,
@@ -192,6 +199,8 @@ def execute(
             import ray
 
             ray.shutdown()
+        if tracker is not None:  # after Ray's teardown, which the tracker's final flush overlaps
+            tracker.close()
     return state, write_results(run_dir, state, objectives)
 
 
