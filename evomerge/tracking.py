@@ -1107,7 +1107,7 @@ _BOOT = """
 import json, os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes us
 if hasattr(os, "nice"):
-    os.nice(10)  # background work: the driver, Ray and the workers come first when the CPU is short
+    os.nice(19)  # background work: the driver and the workers (Ray runs them at nice 15) come first
 spec = json.loads(sys.stdin.readline())
 path, offset = spec["run_dir"] + "/journal.jsonl", 0
 deadline = time.monotonic() + spec["startup_wait"]

@@ -22,3 +22,16 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     from evomerge.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray (2 CPUs) for the tests of a module, unless one is already running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()

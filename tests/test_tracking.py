@@ -8,7 +8,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import ray
 import yaml
 from matplotlib.image import imread
 from mlflow import MlflowClient
@@ -32,16 +31,6 @@ from evomerge.tracking import (
 )
 
 CANDIDATES = 12
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _config(pool, run_dir: Path, **tracking):

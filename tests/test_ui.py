@@ -22,9 +22,8 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 
 @pytest.fixture(scope="module")
-def tracked_run(zoo, tmp_path_factory):
+def tracked_run(zoo, local_ray, tmp_path_factory):
     """The demo search (configs/demo.yaml) on the zoo, shortened: 16 candidates on a 40-prompt subsample."""
-    import ray
     import yaml
 
     from evomerge.config import parse_config
@@ -37,14 +36,7 @@ def tracked_run(zoo, tmp_path_factory):
     data["evaluator"]["subsample"] = 40
     data["output"] = str(run_dir)
     cfg = parse_config(data, "test")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        _state, summary = execute(create_run_dir(cfg, None, None), cfg)
-    finally:
-        if started:
-            ray.shutdown()
+    _state, summary = execute(create_run_dir(cfg, None, None), cfg)
     return run_dir, summary
 
 

@@ -53,9 +53,7 @@ def test_per_sample_scores_match_aggregates_and_follow_in_place_changes(zoo, tes
     assert all(np.array_equal(a.samples[t], a_again.samples[t]) for t in a.samples)
 
 
-def test_small_search_on_the_zoo_runs_to_budget(zoo, tmp_path):
-    import ray
-
+def test_small_search_on_the_zoo_runs_to_budget(zoo, local_ray, tmp_path):
     from evomerge.config import parse_config
     from evomerge.runtime.run import create_run_dir, execute
 
@@ -69,14 +67,7 @@ def test_small_search_on_the_zoo_runs_to_budget(zoo, tmp_path):
         "output": str(tmp_path / "run"),
     }
     cfg = parse_config(data, "test")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        state, summary = execute(create_run_dir(cfg, None, None), cfg)
-    finally:
-        if started:
-            ray.shutdown()
+    state, summary = execute(create_run_dir(cfg, None, None), cfg)
     assert len(state.results) == 6 and all(r["status"] == "ok" for r in state.results.values())
     first = next(iter(state.results.values()))
     assert set(first["scores"]) == {f"zoo_{s}_search" for s in SKILLS}

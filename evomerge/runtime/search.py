@@ -302,9 +302,10 @@ class Search:
         if not self.state.candidates and self.can_ask():
             self._ask(len(self.pool.actors))
         idle = list(range(len(self.pool.actors)))
-        in_flight: dict[Any, tuple[str, int]] = {}
+        # ref -> (candidate id, worker); a None id is a ping to a restarting worker, idle again once it answers
+        in_flight: dict[Any, tuple[str | None, int]] = {}
         while True:
-            running = {cid for cid, _ in in_flight.values()}
+            running = {cid for cid, _ in in_flight.values() if cid is not None}
             for cid in [c for c in self.state.candidates if c not in self.state.results and c not in running]:
                 if not idle:
                     break
@@ -312,38 +313,18 @@ class Search:
                 self.attempts[cid] = self.attempts.get(cid, 0) + 1
                 recipe = self.state.candidates[cid].recipe.to_dict()
                 in_flight[self.pool.actors[w].evaluate.remote(cid, recipe)] = (cid, w)
+                running.add(cid)
             if self.on_progress:
-                self.on_progress(self.progress(len(in_flight)))
-            if not in_flight:
+                self.on_progress(self.progress(len(running)))
+            if not running:
                 if self.can_ask() and not self.state.untold():
                     self._ask(1)
                     continue
+                if not idle and in_flight:  # every worker is restarting: wait for one
+                    self._collect(ray, in_flight, idle)
+                    continue
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
-            for ref in ready:
-                cid, w = in_flight.pop(ref)
-                idle.append(w)
-                try:
-                    payload = ray.get(ref)
-                except ray.exceptions.RayActorError as e:  # the worker process died: re-run elsewhere
-                    log.warning("worker %d died while evaluating %s: %s", w, cid, type(e).__name__)
-                    if self.attempts[cid] > self.max_retries:
-                        self._record(
-                            cid, None, f"worker died {self.attempts[cid]} times ({type(e).__name__})"
-                        )
-                        self._after_result(cid)
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    cause = e.cause if getattr(e, "cause", None) is not None else e
-                    message = f"{type(cause).__name__}: {cause}"
-                    log.warning("candidate %s failed (attempt %d): %s", cid, self.attempts[cid], message)
-                    if self.attempts[cid] <= self.max_retries:
-                        continue
-                    self._record(cid, None, message)
-                    self._after_result(cid)
-                    continue
-                self._record(cid, payload, None)
-                self._after_result(cid)
+            self._collect(ray, in_flight, idle)
         if not self.can_ask() and not self.state.ended:
             self.journal.append({"event": "end", "t": time.time(), "candidates": len(self.state.results)})
             self.state.ended = True
@@ -356,6 +337,38 @@ class Search:
                 getattr(observer, hook)(*args)
             except Exception:  # an observer must never stop the search
                 log.exception("observer %s failed in %s", type(observer).__name__, hook)
+
+    def _collect(self, ray: Any, in_flight: dict[Any, tuple[str | None, int]], idle: list[int]) -> None:
+        """Handle whatever finished: results, failures, dead workers (kept out of `idle` until they answer)."""
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+        for ref in ready:
+            cid, w = in_flight.pop(ref)
+            try:
+                payload = ray.get(ref)
+            except ray.exceptions.RayActorError as e:  # the worker process died or is restarting
+                time.sleep(0.2)
+                in_flight[self.pool.actors[w].pid.remote()] = (None, w)  # idle again once it answers
+                if cid is None:
+                    continue
+                log.warning("worker %d died while evaluating %s: %s", w, cid, type(e).__name__)
+                if self.attempts[cid] > self.max_retries:
+                    self._record(cid, None, f"worker died {self.attempts[cid]} times ({type(e).__name__})")
+                    self._after_result(cid)
+                continue  # re-run on a live worker
+            except ray.exceptions.RayTaskError as e:
+                idle.append(w)
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                message = f"{type(cause).__name__}: {cause}"
+                log.warning("candidate %s failed (attempt %d): %s", cid, self.attempts[cid], message)
+                if self.attempts[cid] <= self.max_retries:
+                    continue
+                self._record(cid, None, message)
+                self._after_result(cid)
+                continue
+            idle.append(w)
+            if cid is not None:
+                self._record(cid, payload, None)
+                self._after_result(cid)
 
     def _after_result_all(self) -> None:
         """Tell what the journal holds results for but the strategy was not told (in the mode's order)."""

@@ -19,16 +19,6 @@ from evomerge.runtime.journal import Journal, read_journal
 from evomerge.runtime.run import create_run_dir, execute, resume
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _config(
     pool, run_dir: Path, *, candidates=16, seconds=0.0, strategy="random", scheduling="ordered", **extra
 ):
