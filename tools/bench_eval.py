@@ -54,7 +54,9 @@ def main() -> None:
             fn()
             timings[name].append(time.perf_counter() - t)
     f, e = min(timings["floor"]), min(timings["evaluator"])
-    print(f"{len(prompts)} prompts ({args.tasks}), batch {args.batch_size}, 1 torch thread; build once: {build:.2f} s")
+    print(
+        f"{len(prompts)} prompts ({args.tasks}), batch {args.batch_size}, 1 torch thread; build once: {build:.2f} s"
+    )
     print(f"floor (batched greedy decoding): {f * 1000:.0f} ms   evaluator: {e * 1000:.0f} ms   "
           f"overhead {(e - f) * 1000:.0f} ms per candidate   ratio {e / f:.2f}x")  # fmt: skip
     print(json.dumps({"prompts": len(prompts), "floor_s": f, "evaluator_s": e, "ratio": e / f}))
