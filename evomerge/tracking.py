@@ -17,7 +17,9 @@ What the store holds
   `status` (running, ok, failed), `error`, `pareto` (`true`/`false`, re-tagged on exactly the children
   whose membership changed when the front moves) and `evomerge.candidate`.
 
-Where: by default `sqlite:///<run dir>/mlflow.db` with artifacts in `<run dir>/mlartifacts` (see it with
+Where: by default `sqlite:///<run dir>/mlflow.db` (created atomically: MLflow's schema migrations are not
+transactional, and a run killed during them would leave a database MLflow cannot open; they run on a temp
+file that is linked into place) with artifacts in `<run dir>/mlartifacts` (see it with
 `mlflow ui --backend-store-uri sqlite:///runs/x/mlflow.db`); `tracking.uri` names another store (a team
 server); the experiment is `tracking.experiment`, else the config's name. A sqlite store keeps its
 artifacts in `mlartifacts/` next to the database file (MLflow would otherwise use `./mlruns` of the current
@@ -32,17 +34,18 @@ that are not better than r in every objective add nothing. Parent metrics start 
 every evaluation from the first. r depends on the journal alone, so the live tracker, `evomerge sync` and
 `evomerge front --plot` agree.
 
-Never in the search's way: the MLflow work runs in a separate process (`MLflowTracker` starts it; measured
-on 2 cores with a 60-candidate, 0.2 s-per-candidate search, the same work in a thread of the driver slowed
-the search loop by 4-6% through the GIL, the process leaves it unchanged). That process follows the journal, which the search writes before it calls any observer, so
-the hooks cost nothing (`on_end` only tells it to flush at once, overlapping Ray's teardown); it waits
-until the first result before importing MLflow (~2 s of CPU that would otherwise compete with the
-workers' start-up), then flushes every `flush_seconds`: what arrived since the last flush, coalesced into
-one `log_batch` per run holding only what changed (MLflow has no bulk run creation: a new child costs
-`create_run`, `log_batch` and `set_terminated`). The first failure (server down, bad URI, disk full) is
-logged once as a warning; the process stops writing and records "needs sync" in `<run dir>/tracking.json`;
-the search goes on. `evomerge sync RUN_DIR` (`sync`) makes the store match the journal, idempotently:
-missing parent and children created, wrong metrics, tags and names fixed, duplicate children removed.
+Never in the search's way: the MLflow work runs in a separate process (`MLflowTracker` starts it; measured on
+2 cores with a 60-candidate, 0.2 s-per-candidate search, the same work in a thread of the driver slowed the
+search loop by 4-6% through the GIL, the process leaves it unchanged). That process follows the journal, which
+the search writes before it calls any observer, so the hooks cost nothing (`on_end` only tells it to flush at
+once, overlapping Ray's teardown); it waits until the first result before importing MLflow (~2 s of CPU that
+would otherwise compete with the workers' start-up) and runs at nice 19 (Ray's workers run at 15), then
+flushes every `flush_seconds`: what arrived since the last flush, coalesced into one `log_batch` per run
+holding only what changed (MLflow has no bulk run creation: a new child costs `create_run`, `log_batch` and
+`set_terminated`). The first failure (server down, bad URI, disk full) is logged once as a warning; the
+process stops writing and records "needs sync" in `<run dir>/tracking.json`; the search goes on. `evomerge
+sync RUN_DIR` (`sync`) makes the store match the journal, idempotently: missing parent and children created,
+wrong metrics, tags and names fixed, duplicate children removed.
 """
 
 from __future__ import annotations

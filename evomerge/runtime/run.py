@@ -179,9 +179,7 @@ def execute(
                       torch_threads=config.workers.torch_threads)  # fmt: skip
     budget = Budget(config.budget.candidates, config.budget.forward_passes, config.budget.seconds)
     tracker = None
-    if (
-        config.tracking.enabled
-    ):  # MLflow in a side process; on resume it re-attaches to the run and catches up
+    if config.tracking.enabled:  # MLflow in a side process; on resume it re-attaches and catches up
         from evomerge.tracking import MLflowTracker
 
         tracker = MLflowTracker(run_dir, config, objectives=objectives.items, gene_names=space.names,
