@@ -56,12 +56,16 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- validation
 
 
-def _as_points(points: object, name: str = "points", *, allow_empty: bool = True) -> np.ndarray:
-    """Float (n, m) array with m >= 1 and finite values; the one place input is checked."""
+def _float_array(value: object, name: str) -> np.ndarray:
     try:
-        arr = np.asarray(points, dtype=np.float64)
+        return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: cannot convert to a float array ({e})") from None
+
+
+def _as_points(points: object, name: str = "points", *, allow_empty: bool = True) -> np.ndarray:
+    """Float (n, m) array with m >= 1 and finite values; the one place input is checked."""
+    arr = _float_array(points, name)
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (n points, m objectives), got shape {arr.shape}")
     if arr.shape[1] == 0:
@@ -77,10 +81,7 @@ def _as_points(points: object, name: str = "points", *, allow_empty: bool = True
 
 def _as_ref(ref: object, m: int) -> np.ndarray:
     """Finite reference point of length m (the points' number of objectives)."""
-    try:
-        r = np.asarray(ref, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"ref: cannot convert to a float array ({e})") from None
+    r = _float_array(ref, "ref")
     if r.ndim != 1:
         raise ValueError(f"ref: expected a 1-D array of length {m}, got shape {r.shape}")
     if len(r) != m:
