@@ -13,9 +13,21 @@ short reference implementation to copy. nevergrad and optuna are imported when a
 - random: uniform in the box (`random.py`)
 - cma, ngopt: nevergrad, single objective (`nevergrad.py`)
 - nsga2, nsga3, tpe: optuna, multi-objective (`optuna.py`)
+- m2n2: Model Merging of Natural Niches over a model space (`m2n2.py`)
 """
 
-from evomerge.strategies import nevergrad, optuna, random
+from evomerge.strategies import m2n2, map, nevergrad, optuna, random
 from evomerge.strategies.base import STRATEGIES, Candidate, Result, Strategy, StrategyError
 
-__all__ = ["STRATEGIES", "Candidate", "Result", "Strategy", "StrategyError", "nevergrad", "optuna", "random"]
+__all__ = [
+    "STRATEGIES",
+    "Candidate",
+    "Result",
+    "Strategy",
+    "StrategyError",
+    "m2n2",
+    "map",
+    "nevergrad",
+    "optuna",
+    "random",
+]
