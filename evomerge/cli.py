@@ -97,7 +97,7 @@ def demo(
     config: Annotated[Path, typer.Option(help="The demo's run YAML.")] = Path("configs/demo.yaml"),
     out: Annotated[Path, typer.Option(help="Run directory (replaced if it exists).")] = Path("runs/demo"),
 ) -> None:
-    """Zoo (cached) -> a search over it -> best merge vs every expert and tuned task arithmetic on the test split."""
+    """Zoo (cached) -> a search -> best merge vs every expert and tuned task arithmetic on the test split -> export."""
     import shutil
 
     from rich.table import Table
@@ -129,6 +129,16 @@ def demo(
         table.add_row(label, *(f"{v:.1f}" for v in values), f"{sum(values) / len(values):.1f}")
     console.print(table)
     console.print(f"run dir: {run_dir}  (best recipe: {run_dir / 'best.yaml'}; journal, front.json)")
+    from evomerge.demo import export_best
+    from evomerge.errors import EvomergeError
+
+    try:
+        result = export_best(run_dir)
+    except EvomergeError as e:
+        _fail(f"export: {e}")
+    console.print(
+        f"best merge {result.candidate} exported to {result.out} (Hugging Face model dir + model card)"
+    )
 
 
 def _progress_view(p: Any) -> Any:
@@ -275,6 +285,99 @@ def sync(
         f"{report['created']} child runs created, {report['updated']} updated, {report['removed']} duplicates "
         f"removed, {report['parent_metrics']} parent metric values logged"
     )
+
+
+@app.command()
+def export(
+    run: Annotated[
+        str, typer.Argument(help="A run directory, or an MLflow run id (parent or candidate run).")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Output model directory (must not exist unless --force).")],
+    pick: Annotated[
+        str | None,
+        typer.Option(help="best, knee or a candidate id (default: best; a candidate run: itself)."),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="task=w,...: the best by this weighted sum of objectives.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Output dtype (float32, bfloat16, float16).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N: where the merge math runs.")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT_DIR.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-evaluate the export from disk; a score mismatch is an error.")
+    ] = False,
+    tolerance: Annotated[float, typer.Option(help="--verify: largest allowed score difference.")] = 0.0,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store (default: the run's); needed with a run id.")
+    ] = None,
+    register: Annotated[
+        str | None, typer.Option(help="Also register the export as a version of this MLflow model.")
+    ] = None,
+) -> None:
+    """Write one candidate of a run as a Hugging Face model dir with its recipe, mergekit YAML and model card."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.errors import EvomergeError
+    from evomerge.export import VerifyError
+    from evomerge.export import export as export_run
+
+    try:
+        shard_bytes = _parse_size(max_shard_size)
+    except ValueError:
+        _fail(f"--max-shard-size: cannot parse {max_shard_size!r} (e.g. 2GB, 500MB)")
+    columns = (TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("export", total=None)
+        try:
+            result = export_run(
+                run, out_dir, pick=pick, weights=weights, dtype=dtype, max_shard_bytes=shard_bytes,
+                device=device, force=force, verify=verify, tolerance=tolerance, tracking_uri=tracking_uri,
+                register=register, on_plan=lambda p: progress.update(task, total=len(p.jobs)),
+                on_tensor=lambda _job: progress.advance(task),
+            )  # fmt: skip
+        except VerifyError as e:
+            err.print(
+                f"[bold red]error:[/] {e}; nothing written to {out_dir}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(1) from None
+        except EvomergeError as e:
+            _fail(str(e))
+    _print_export(result)
+
+
+def _print_export(result: Any) -> None:
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items())
+    print(f"candidate {result.candidate} ({result.how}): {scores}")
+    if result.verified is not None:
+        print(f"verified: {len(result.verified)} task scores re-evaluated from disk match the journal")
+    if result.tracking:
+        print(f"recorded on MLflow run {result.tracking}")
+    extra = " + mergekit_config.yml" if result.mergekit else ""
+    print(f"exported to {result.out}  (README.md, evomerge_recipe.yaml{extra})")
+
+
+@app.command()
+def verify(
+    model_dir: Annotated[Path, typer.Argument(help="A directory written by `evomerge export`.")],
+    run_dir: Annotated[
+        Path | None, typer.Option(help="The run it came from (default: the one its model card names).")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="Largest allowed score difference.")] = 0.0,
+    device: Annotated[str | None, typer.Option(help="Where to evaluate (default: the run's device).")] = None,
+) -> None:
+    """Re-evaluate an exported model from disk with its run's evaluator and compare with the journal's scores."""
+    from evomerge.errors import EvomergeError
+    from evomerge.export import VerifyError, verify_export
+
+    try:
+        cid, pairs = verify_export(model_dir, run_dir, tolerance=tolerance, device=device)
+    except VerifyError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except EvomergeError as e:
+        _fail(str(e))
+    print(f"{model_dir}: candidate {cid} verified, {len(pairs)} task scores match the journal")
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 The search optimizes the validation split (`zoo_search`); the table compares, on the test split (`zoo`),
 the base, every expert, the best hand-tuned task-arithmetic merge (lambda picked on validation, as a user
-would) and the search's best candidate.
+would) and the search's best candidate. Last, the best candidate is exported (`evomerge export`) to
+RUN_DIR/best_model.
 """
 
 from __future__ import annotations
@@ -54,3 +55,10 @@ def compare_on_test(
     apply_in_place(best_recipe, pool, model)
     rows.append(("evomerge search best", test.evaluate(model, tokenizer).scores))
     return test.task_names, rows
+
+
+def export_best(run_dir: Path) -> Any:
+    """The search's best candidate as a Hugging Face model dir in RUN_DIR/best_model (the demo's last step)."""
+    from evomerge.export import export
+
+    return export(run_dir, run_dir / "best_model", pick="best", force=True)
