@@ -141,6 +141,21 @@ def _layers(layer_range: Sequence[int]) -> str:
     return f"layers{a}-{b - 1}" if b - a > 1 else f"layers{a}"
 
 
+def _flatten_model_space(d: dict[str, Any]) -> dict[str, str]:
+    """A model-space recipe as a few params: a mixture's size-weighted mean coefficient per model and its
+    segment count (the exact coefficients are in the journal); an offspring's crossover settings."""
+    if d["kind"] == "offspring":
+        out = {f"parent{i}": _label(p) for i, p in enumerate(d["parents"])}
+        out.update({k: _fmt(d[k]) for k in ("weight", "split", "noise_std") if d.get(k) is not None})
+        return out
+    starts = np.asarray(d["starts"], dtype=np.float64)
+    lengths = np.diff(np.append(starts, d["size"]))
+    means = lengths @ np.asarray(d["coefficients"], dtype=np.float64) / d["size"]
+    out = {f"{_key(_label(m))}.weight_mean": _fmt(float(v)) for m, v in zip(d["models"], means)}
+    out["segments"] = str(len(starts))
+    return out
+
+
 def flatten_recipe(recipe: Recipe | dict[str, Any]) -> dict[str, str]:
     """The recipe as MLflow params with readable names: models by directory name, layer ranges inclusive.
 
@@ -148,7 +163,9 @@ def flatten_recipe(recipe: Recipe | dict[str, Any]) -> dict[str, str]:
     (slice-level: `slices.<i>.layers<a>-<b>.<param>`); recipe-level parameters keep their bare name. A
     filtered setting adds the filter (`expert.weight.mlp`, `expert.weight.all` for the default); a gradient
     list is one JSON value."""
-    d = recipe.to_dict() if isinstance(recipe, Recipe) else dict(recipe)
+    d = dict(recipe) if isinstance(recipe, dict) else recipe.to_dict()
+    if d.get("kind") in ("mixture", "offspring"):
+        return _flatten_model_space(d)
     refs = [d.get("base_model")] if d.get("base_model") else []
     refs += [m["model"] for m in d.get("models") or []]
     refs += [src["model"] for s in d.get("slices") or [] for src in s["sources"]]
@@ -662,11 +679,21 @@ def write_tables(record: Record, out_dir: str | Path) -> list[Path]:
     ids = record.front_ids()
     knee = record.knee()
     tasks = list(dict.fromkeys(k for c in ids for k in record.results[c]["scores"]))
+
+    def predicted(cand: Candidate) -> list[Any]:
+        """A strategy's prediction of each (maximized) objective, from info["predicted"] keyed by objective
+        name or index (MAP); empty where it made none."""
+        pred = cand.info.get("predicted") or {}
+        by_index = {str(i): n for i, n in enumerate(record.names)}
+        values = {by_index.get(str(k), str(k)): v for k, v in pred.items()}
+        return [values.get(n, "") for n in record.names]
+
     with open(out_dir / "pareto.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
-            ["id", "generation", "step", "knee", *tasks, *(f"objective/{n}" for n in record.names), "recipe"]
-        )
+            ["id", "generation", "step", "knee", *tasks, *(f"objective/{n}" for n in record.names), "recipe",
+             *(f"predicted/{n}" for n in record.names)]
+        )  # fmt: skip
         for c in ids:
             r, cand = record.results[c], record.candidates[c]
             w.writerow(
@@ -678,6 +705,7 @@ def write_tables(record: Record, out_dir: str | Path) -> list[Path]:
                     *(r["scores"].get(t, "") for t in tasks),
                     *r["objectives"],
                     json.dumps(cand.recipe.to_dict(), separators=(",", ":")),
+                    *predicted(cand),
                 ]
             )
     doc = {
