@@ -295,7 +295,7 @@ def export(
             "--weights chooses the best by a weighted objective; it cannot go with --pick " + pick
         )
     w = parse_weights(weights, view.names) if weights is not None else None
-    cid, how = select(view, pick or child or "best", w)
+    cid, how = select(view, pick or (None if w is not None else child) or "best", w)
     recipe = recipe_from_json(view.candidates[cid]["recipe"], f"{run_dir}: candidate {cid}")
     _check_out(out, force)
     uri = _store_uri(view, tracking_uri)
