@@ -77,8 +77,10 @@ def materialize(
     max_shard_bytes: int = 5 * 1024**3,
     on_plan: Callable[[Any], None] | None = None,
     on_tensor: Callable[[Any], None] | None = None,
+    run_dir: Path | None = None,
 ) -> Path:
-    """Write the merged model to `out` (must not exist): weights, config, tokenizer and RECIPE_FILE."""
+    """Write the merged model to `out` (must not exist): weights, config, tokenizer and RECIPE_FILE.
+    `run_dir`: the run the recipe comes from, for recipes that read from it (e.g. stored members)."""
     if isinstance(recipe, Recipe):
         from evomerge.merge.engine import merge_to_dir
 
@@ -288,6 +290,7 @@ def export(
     """Choose a candidate, write it to `out` atomically, optionally verify it, record it in MLflow."""
     from evomerge.model_card import CardInput, render_card
 
+    _check_tolerance(tolerance)
     run_dir, child = resolve_run(str(run), tracking_uri)
     view = read_run(run_dir)
     if weights is not None and pick not in (None, "best"):
@@ -307,7 +310,8 @@ def export(
     parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.resolve().parent))
     try:
         model_dir = materialize(recipe, parent / "model", device=device, dtype=dtype,
-                                max_shard_bytes=max_shard_bytes, on_plan=on_plan, on_tensor=on_tensor)  # fmt: skip
+                                max_shard_bytes=max_shard_bytes, on_plan=on_plan, on_tensor=on_tensor,
+                                run_dir=run_dir)  # fmt: skip
         mk, why_not = mergekit_yaml(recipe)
         if mk is not None:
             (model_dir / MERGEKIT_FILE).write_text(mk)
@@ -326,6 +330,11 @@ def export(
     if uri is not None:
         result.tracking = log_export(uri, view, cid, out, register=register)
     return result
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if not tolerance >= 0:
+        raise ExportError(f"--tolerance: must be >= 0 (got {tolerance})")
 
 
 def _command(run_dir: Path, out: Path, cid: str) -> str:
@@ -369,6 +378,7 @@ def verify_export(
     model_dir: Path, run_dir: Path | None = None, *, tolerance: float = 0.0, device: str | None = None
 ) -> tuple[str, dict[str, tuple[float, float]]]:
     """Re-evaluate an existing export against its run's journal; (candidate id, per-task scores)."""
+    _check_tolerance(tolerance)
     meta = _export_meta(model_dir)
     run_dir = run_dir or Path(meta["run_dir"])
     cid = str(meta["candidate"])

@@ -279,6 +279,7 @@ def test_unknown_candidate_is_one_line_exit_2_and_writes_nothing(run_dir, tmp_pa
         (["--weights", "zoo_rev_search=1", "--pick", "knee"], "cannot go with --pick knee"),
         (["--max-shard-size", "lots"], "--max-shard-size"),
         (["--dtype", "float8"], "unknown dtype 'float8'"),
+        (["--tolerance", "-1"], "--tolerance: must be >= 0"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(run_dir, tmp_path, flags, needle):
