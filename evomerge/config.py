@@ -62,9 +62,10 @@ class StrategyConfig(_Strict):
 
 class EvaluatorConfig(_Strict):
     """lmeval: lm-eval tasks on the merged LLM; function: a Python `module:function` of the recipe
-    (synthetic objectives, benchmarks)."""
+    (synthetic objectives, benchmarks); digits: M2N2's sklearn-digits MLP setting (score `digits`, per-sample
+    0/1 on `split`; `report_test` adds `digits_test`, the test accuracy, outside the forward-pass budget)."""
 
-    type: Literal["lmeval", "function"] = "lmeval"
+    type: Literal["lmeval", "function", "digits"] = "lmeval"
     tasks: list[str] = Field(default_factory=lambda: ["zoo_search"])
     include_path: str | None = None
     limit: int | float | None = None
@@ -72,6 +73,8 @@ class EvaluatorConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     function: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    split: Literal["train", "test"] = "train"
+    report_test: bool = False
 
     @model_validator(mode="after")
     def _function_named(self) -> EvaluatorConfig:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evomerge.evaluate.base import unpack_samples
 from evomerge.evaluate.lmeval import LMEvalSpec
 from evomerge.merge.engine import ResidentPool, apply_in_place
 from evomerge.merge.mergekit_io import recipe_from_dict
@@ -71,5 +72,5 @@ def test_small_search_on_the_zoo_runs_to_budget(zoo, local_ray, tmp_path):
     assert len(state.results) == 6 and all(r["status"] == "ok" for r in state.results.values())
     first = next(iter(state.results.values()))
     assert set(first["scores"]) == {f"zoo_{s}_search" for s in SKILLS}
-    assert all(len(v) == 40 for v in first["samples"].values())  # the fixed subsample, per task
+    assert all(len(unpack_samples(v)) == 40 for v in first["samples"].values())  # the fixed subsample, per task
     assert summary["best"] is not None

@@ -10,6 +10,7 @@ candidates), cache nothing that depends on the weights, and be deterministic for
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -41,6 +42,26 @@ class Evaluation:
         """All per-sample scores concatenated in task order (the candidate's row of the score matrix)."""
         names = tasks if tasks is not None else list(self.samples)
         return np.concatenate([np.asarray(self.samples[t], dtype=np.float64) for t in names])
+
+
+def pack_samples(values: np.ndarray | list[float]) -> list[float] | dict[str, object]:
+    """JSON form of one task's per-sample scores: 0/1 scores as a base64 bit field (1,437 digits scores
+    take 240 characters instead of ~6,000), anything else as a list of floats."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size and np.all((arr == 0.0) | (arr == 1.0)):
+        return {
+            "bits": base64.b64encode(np.packbits(arr.astype(np.uint8)).tobytes()).decode(),
+            "n": int(arr.size),
+        }
+    return arr.tolist()
+
+
+def unpack_samples(packed: list[float] | dict[str, object]) -> np.ndarray:
+    """Inverse of `pack_samples` (also reads plain lists)."""
+    if isinstance(packed, dict):
+        bits = np.frombuffer(base64.b64decode(str(packed["bits"])), dtype=np.uint8)
+        return np.unpackbits(bits, count=int(packed["n"])).astype(np.float64)
+    return np.asarray(packed, dtype=np.float64)
 
 
 class Evaluator(Protocol):

@@ -15,18 +15,23 @@ Flat parameter vector (reference `model.py`), D = 19,210:
     [ W1 (64 x 256, row-major) | b1 (256) | W2 (256 x 10, row-major) | b2 (10) ]
       0 .. 16383                 16384..    16640 .. 19199            19200 .. 19209
 
-The reference computes `relu(x @ W1 + b1) @ W2 + b2`, so W1 is (in x out). `torch.nn.Linear` stores
-its weight as (out x in): `fc1.weight == W1.T` and `fc2.weight == W2.T`. Hence reference W1[i, j]
-(input pixel i, hidden unit j) sits at flat index `i * 256 + j` and is `fc1.weight[j, i]` here.
+`DigitsMLP` holds exactly these four tensors as parameters `w1, b1, w2, b2` (in that registration
+order, reference shapes), computing `relu(x @ w1 + b1) @ w2 + b2`: its parameters flattened in module
+order *are* the reference vector, so a split point over the flat order means the same thing here as in
+the reference. `save_digits_checkpoint` writes a model as a small model directory (`config.json` with
+`model_type: evomerge_digits` + `model.safetensors`) that the merge engine and workers read like any
+other source.
 
 This module owns the digits data and model; it knows nothing about strategies or workers.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -68,28 +73,23 @@ def load_digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 class DigitsMLP(nn.Module):
-    """64 -> 256 (ReLU) -> 10 logits; see the module docstring for the flat-vector layout."""
+    """64 -> 256 (ReLU) -> 10 logits, parameters in the reference layout (see the module docstring)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(INPUT_DIM, HIDDEN_DIM)
-        self.fc2 = nn.Linear(HIDDEN_DIM, OUTPUT_DIM)
+        self.w1 = nn.Parameter(torch.zeros(INPUT_DIM, HIDDEN_DIM))
+        self.b1 = nn.Parameter(torch.zeros(HIDDEN_DIM))
+        self.w2 = nn.Parameter(torch.zeros(HIDDEN_DIM, OUTPUT_DIM))
+        self.b2 = nn.Parameter(torch.zeros(OUTPUT_DIM))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        return torch.relu(x @ self.w1 + self.b1) @ self.w2 + self.b2
 
 
 def flatten_params(model: DigitsMLP) -> Tensor:
     """The model's parameters as one reference-layout vector of length 19,210 (a copy, detached)."""
     with torch.no_grad():
-        return torch.cat(
-            [
-                model.fc1.weight.T.reshape(-1),  # W1 (64 x 256) row-major
-                model.fc1.bias.reshape(-1),
-                model.fc2.weight.T.reshape(-1),  # W2 (256 x 10) row-major
-                model.fc2.bias.reshape(-1),
-            ]
-        ).clone()
+        return torch.cat([p.reshape(-1) for p in model.parameters()]).clone()
 
 
 def load_flat_params(model: DigitsMLP, vec: Tensor) -> DigitsMLP:
@@ -98,15 +98,35 @@ def load_flat_params(model: DigitsMLP, vec: Tensor) -> DigitsMLP:
         raise EvaluationError(
             f"digits MLP parameter vector must have shape ({NUM_PARAMS},), got {tuple(vec.shape)}"
         )
-    w1_end = INPUT_DIM * HIDDEN_DIM
-    b1_end = w1_end + HIDDEN_DIM
-    w2_end = b1_end + HIDDEN_DIM * OUTPUT_DIM
     with torch.no_grad():
-        model.fc1.weight.copy_(vec[:w1_end].view(INPUT_DIM, HIDDEN_DIM).T)
-        model.fc1.bias.copy_(vec[w1_end:b1_end])
-        model.fc2.weight.copy_(vec[b1_end:w2_end].view(HIDDEN_DIM, OUTPUT_DIM).T)
-        model.fc2.bias.copy_(vec[w2_end:])
+        offset = 0
+        for p in model.parameters():
+            p.copy_(vec[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
     return model
+
+
+MODEL_TYPE = "evomerge_digits"
+
+
+def save_digits_checkpoint(model: DigitsMLP | Tensor, out: str | Path) -> Path:
+    """Write a DigitsMLP (or a reference-layout flat vector) as a model directory the engine can read."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, Tensor):
+        model = load_flat_params(DigitsMLP(), model.detach().to("cpu", torch.float32))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in model.named_parameters()}
+    save_file(tensors, str(out / "model.safetensors"))
+    config = {"model_type": MODEL_TYPE, "architectures": ["DigitsMLP"], "num_parameters": NUM_PARAMS}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def is_digits_checkpoint(path: str | Path) -> bool:
+    file = Path(path) / "config.json"
+    return file.exists() and json.loads(file.read_text()).get("model_type") == MODEL_TYPE
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,7 @@ class DigitsSpec:
 
     split: Literal["train", "test"] = "train"
     device: str = "cpu"
+    report_test: bool = False  # also score `digits_test` (test accuracy; not a counted forward pass)
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "test"):
@@ -139,6 +160,7 @@ class DigitsEvaluator:
         x, y = (x_train, y_train) if spec.split == "train" else (x_test, y_test)
         self._x = x.to(spec.device)
         self._y = y.to(spec.device)
+        self._test = (x_test.to(spec.device), y_test.to(spec.device)) if spec.report_test else None
 
     def evaluate(self, model: nn.Module, tokenizer: object = None) -> Evaluation:
         start = time.perf_counter()
@@ -152,8 +174,15 @@ class DigitsEvaluator:
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise EvaluationError(f"digits model must map ({n}, 64) inputs to ({n}, 10) logits, got {got}")
         correct = (logits.argmax(dim=1) == self._y.to(device)).cpu().numpy().astype(np.float64)
+        scores = {TASK: float(correct.mean())}
+        if self._test is not None:
+            with torch.no_grad():
+                test_logits = model(self._test[0].to(device=device, dtype=x.dtype))
+            scores[f"{TASK}_test"] = float(
+                (test_logits.argmax(dim=1) == self._test[1].to(device)).float().mean()
+            )
         return Evaluation(
-            scores={TASK: float(correct.mean())},
+            scores=scores,
             samples={TASK: correct},
             forward_passes=1,
             seconds=time.perf_counter() - start,

@@ -23,6 +23,7 @@ import yaml
 import evomerge
 from evomerge.config import Objective, RunConfig, load_config
 from evomerge.errors import ConfigError
+from evomerge.merge.recipe import Recipe
 from evomerge.runtime.journal import Journal, read_journal
 from evomerge.runtime.search import (
     Budget,
@@ -55,6 +56,10 @@ def evaluator_spec(config: RunConfig) -> Any:
 
         return LMEvalSpec(tasks=tuple(ev.tasks), include_path=ev.include_path, limit=ev.limit,
                           subsample=ev.subsample, seed=config.seed, batch_size=ev.batch_size)  # fmt: skip
+    if ev.type == "digits":
+        from evomerge.evaluate.digits import DigitsSpec
+
+        return DigitsSpec(split=ev.split, report_test=ev.report_test)
     return None
 
 
@@ -70,6 +75,8 @@ def objectives_of(config: RunConfig) -> list[Objective]:
     """The configured objectives, or every task of the lm-eval evaluator (its task list is built once here)."""
     if config.objectives:
         return list(config.objectives)
+    if config.evaluator.type == "digits":
+        return [Objective(name="digits")]
     if config.evaluator.type != "lmeval":
         raise ConfigError("objectives: required with a function evaluator (name each score to optimize)")
     names = evaluator_spec(config).build().task_names
@@ -92,13 +99,20 @@ def build_space(config: RunConfig, base: str, sources: list[str]) -> Any:
         raise ConfigError(f"space: {e}") from None
 
 
-def build_strategy(config: RunConfig, space: Any, objectives: list[Objective]) -> Any:
+def build_strategy(
+    config: RunConfig, space: Any, objectives: list[Objective], run_dir: Path | None = None
+) -> Any:
+    """The configured strategy; `num_workers` and, for model-space strategies, the run dir's member store
+    (`RUN_DIR/members`) are filled in when the strategy takes them."""
     from evomerge.strategies import STRATEGIES
 
     cls = STRATEGIES.get(config.strategy.name)
     options = dict(config.strategy.options)
-    if "num_workers" in inspect.signature(cls).parameters and "num_workers" not in options:
+    params = inspect.signature(cls).parameters
+    if "num_workers" in params and "num_workers" not in options:
         options["num_workers"] = config.workers.count
+    if "store_dir" in params and "store_dir" not in options and run_dir is not None:
+        options["store_dir"] = str(Path(run_dir).resolve() / "members")
     return cls(space, n_objectives=len(objectives), seed=config.seed, weights=[o.weight for o in objectives],
                budget=config.budget.candidates, **options)  # fmt: skip
 
@@ -151,7 +165,13 @@ def write_results(run_dir: Path, state: SearchState, objectives: Objectives) -> 
     tmp = run_dir / "front.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, run_dir / "front.json")
-    (run_dir / "best.yaml").write_text(dump_recipe_yaml(state.candidates[best["id"]].recipe))
+    recipe = state.candidates[best["id"]].recipe
+    text = (
+        dump_recipe_yaml(recipe)
+        if isinstance(recipe, Recipe)
+        else yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    )
+    (run_dir / "best.yaml").write_text(text)
     return summary
 
 
@@ -168,7 +188,7 @@ def execute(
     base, sources = resolve_models(config)
     objectives = Objectives(objectives_of(config))
     space = build_space(config, base, sources)
-    strategy = build_strategy(config, space, objectives.items)
+    strategy = build_strategy(config, space, objectives.items, run_dir)
     events = read_journal(run_dir / "journal.jsonl")
     if events and not resume:
         raise ConfigError(f"{run_dir}: already holds a run; use `evomerge resume {run_dir}`")

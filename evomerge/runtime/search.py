@@ -28,10 +28,14 @@ import numpy as np
 
 from evomerge.config import Objective
 from evomerge.errors import EvomergeError
+from evomerge.evaluate.base import unpack_samples
 from evomerge.runtime.journal import Journal
 from evomerge.strategies.base import Candidate, Result, Strategy
 
 log = logging.getLogger(__name__)
+
+
+PROGRESS_EVERY = 0.25  # seconds between progress callbacks
 
 
 class ResumeError(EvomergeError):
@@ -40,21 +44,39 @@ class ResumeError(EvomergeError):
 
 @dataclass
 class SearchState:
-    """Everything the driver knows, rebuilt from the journal on resume."""
+    """Everything the driver knows, rebuilt from the journal on resume. Change it only through `add_candidate`,
+    `add_result` and `mark_told`: they keep the indexes that make each scheduling step O(1) in the run's
+    length (a 50,000-candidate search must not slow down as it goes)."""
 
     candidates: dict[str, Candidate] = field(default_factory=dict)  # in ask order
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     told: list[str] = field(default_factory=list)
     active_seconds: float = 0.0
     ended: bool = False
+    forward_passes: int = 0
+    waiting: dict[str, None] = field(default_factory=dict)  # asked, no result yet (ask order)
+    pending_tell: dict[str, None] = field(default_factory=dict)  # asked, not told yet (ask order)
 
-    @property
-    def forward_passes(self) -> int:
-        return sum(int(r.get("forward_passes", 0)) for r in self.results.values())
+    def add_candidate(self, c: Candidate) -> None:
+        self.candidates[c.id] = c
+        self.waiting[c.id] = None
+        self.pending_tell[c.id] = None
+
+    def add_result(self, event: dict[str, Any]) -> None:
+        old = self.results.get(event["id"])
+        self.forward_passes += int(event.get("forward_passes", 0)) - (
+            int(old.get("forward_passes", 0)) if old else 0
+        )
+        self.results[event["id"]] = event
+        self.waiting.pop(event["id"], None)
+
+    def mark_told(self, ids: list[str]) -> None:
+        self.told.extend(ids)
+        for cid in ids:
+            self.pending_tell.pop(cid, None)
 
     def untold(self) -> list[str]:
-        told = set(self.told)
-        return [cid for cid in self.candidates if cid not in told]
+        return list(self.pending_tell)
 
 
 class Objectives:
@@ -79,7 +101,7 @@ def to_result(event: dict[str, Any], objectives: Objectives) -> Result:
     if event["status"] != "ok":
         return Result(event["id"], None, failed=True)
     samples = event.get("samples") or {}
-    row = np.concatenate([np.asarray(v, dtype=np.float64) for v in samples.values()]) if samples else None
+    row = np.concatenate([unpack_samples(v) for v in samples.values()]) if samples else None
     return Result(event["id"], np.asarray(event["objectives"], dtype=np.float64), samples=row)
 
 
@@ -107,12 +129,12 @@ def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objecti
                         f"journal replay diverged at candidate {old.id}: the strategy now proposes something else "
                         "(was the config, seed or evomerge version changed?)"
                     )
-                state.candidates[old.id] = old
+                state.add_candidate(old)
         elif kind == "result":
-            state.results[ev["id"]] = ev
+            state.add_result(ev)
         elif kind == "tell":
             strategy.tell([to_result(state.results[cid], objectives) for cid in ev["ids"]])
-            state.told.extend(ev["ids"])
+            state.mark_told(ev["ids"])
         elif kind == "end":
             state.ended = True
         last_t = ev.get("t", last_t)
@@ -213,6 +235,7 @@ class Search:
         self.observers = list(observers or [])
         self.attempts: dict[str, int] = {}
         self.session_start = time.time()
+        self._next_progress = 0.0
 
     # ------------------------------------------------------------------ budget and bookkeeping
     def elapsed(self) -> float:
@@ -236,13 +259,13 @@ class Search:
             {"event": "ask", "t": time.time(), "n": n, "candidates": [c.to_json() for c in batch]}
         )
         for c in batch:
-            self.state.candidates[c.id] = c
+            self.state.add_candidate(c)
         self._notify("on_ask", batch)
 
     def _tell(self, ids: list[str]) -> None:
         self.strategy.tell([to_result(self.state.results[i], self.objectives) for i in ids])
         self.journal.append({"event": "tell", "t": time.time(), "ids": ids})
-        self.state.told.extend(ids)
+        self.state.mark_told(ids)
 
     def _record(self, cid: str, payload: dict[str, Any] | None, error: str | None) -> None:
         event: dict[str, Any] = {
@@ -265,7 +288,7 @@ class Search:
                          samples=payload["samples"], forward_passes=payload["forward_passes"],
                          seconds=payload["seconds"], pid=payload["pid"])  # fmt: skip
         self.journal.append(event)
-        self.state.results[cid] = event
+        self.state.add_result(event)
         self._notify("on_result", event, self.state.candidates[cid])
 
     def _after_result(self, cid: str) -> None:
@@ -274,7 +297,7 @@ class Search:
             if self.can_ask():
                 self._ask(1)
             return
-        for pending in self.state.untold():
+        for pending in list(self.state.pending_tell):
             if pending not in self.state.results:
                 break
             self._tell([pending])
@@ -306,18 +329,17 @@ class Search:
         in_flight: dict[Any, tuple[str | None, int]] = {}
         while True:
             running = {cid for cid, _ in in_flight.values() if cid is not None}
-            for cid in [c for c in self.state.candidates if c not in self.state.results and c not in running]:
-                if not idle:
-                    break
+            for cid in [c for c in self.state.waiting if c not in running][: len(idle)]:
                 w = idle.pop(0)
                 self.attempts[cid] = self.attempts.get(cid, 0) + 1
                 recipe = self.state.candidates[cid].recipe.to_dict()
                 in_flight[self.pool.actors[w].evaluate.remote(cid, recipe)] = (cid, w)
                 running.add(cid)
-            if self.on_progress:
+            if self.on_progress and time.monotonic() >= self._next_progress:  # the front costs O(n log n)
+                self._next_progress = time.monotonic() + PROGRESS_EVERY
                 self.on_progress(self.progress(len(running)))
             if not running:
-                if self.can_ask() and not self.state.untold():
+                if self.can_ask() and not self.state.pending_tell:
                     self._ask(1)
                     continue
                 if not idle and in_flight:  # every worker is restarting: wait for one
@@ -325,6 +347,8 @@ class Search:
                     continue
                 break
             self._collect(ray, in_flight, idle)
+        if self.on_progress:
+            self.on_progress(self.progress(0))
         if not self.can_ask() and not self.state.ended:
             self.journal.append({"event": "end", "t": time.time(), "candidates": len(self.state.results)})
             self.state.ended = True

@@ -12,15 +12,15 @@ A worker is built once from a picklable backend spec and then evaluates candidat
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from evomerge.evaluate.base import Evaluation, EvaluationError
-from evomerge.merge.recipe import Recipe
+from evomerge.evaluate.base import Evaluation, EvaluationError, pack_samples
+from evomerge.merge.mixture import AnyRecipe, Mixture, Offspring, candidate_recipe
 
 
 def resolve_device(device: str) -> str:
@@ -29,6 +29,9 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+MEMBER_CACHE = 4  # stored members kept loaded per worker (their files never change once written)
 
 
 @dataclass(frozen=True)
@@ -46,24 +49,51 @@ class MergeBackendSpec:
 
 class MergeBackend:
     def __init__(self, spec: MergeBackendSpec) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from evomerge.merge.engine import ResidentPool
+        from evomerge.merge.members import model_layout
+        from evomerge.merge.target import load_target
 
         self.device = resolve_device(spec.device)
         refs = list(dict.fromkeys([*spec.sources, spec.base]))  # the order `models:` recipes give (base last)
         self.pool = ResidentPool.from_refs(refs, base=spec.base, device=self.device)
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32).to(self.device).eval()
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.base)
+        self.model, self.tokenizer = load_target(spec.base, self.device)
+        self.base_config = json.loads((Path(spec.base) / "config.json").read_text())
+        shapes = [{n: i.shape for n, i in self.pool.sources[r].tensors.items()} for r in spec.sources]
+        self.layout = model_layout(self.model, shapes)  # flat order of model-space recipes
         self.evaluator = spec.evaluator.build()
+        self._members: dict[str, dict[str, Any]] = {}
 
-    def evaluate(self, recipe: Recipe) -> Evaluation:
+    def read(self, ref: str, name: str) -> Any:
+        """A tensor of a pool model, or of a stored member (model-space offspring) read from disk; the last
+        few stored members stay loaded (a parent is usually used by several children in a row)."""
+        if ref in self.pool.index:
+            return self.pool.read(ref, name)
+        if ref not in self._members:
+            from evomerge.checkpoints import Checkpoint
+
+            ckpt = Checkpoint(ref)
+            self._members[ref] = {n: ckpt.read(n, self.device) for n in self.layout.names}
+            while len(self._members) > MEMBER_CACHE:
+                self._members.pop(next(iter(self._members)))
+        return self._members[ref][name]
+
+    def evaluate(self, recipe: AnyRecipe) -> Evaluation:
+        from evomerge.merge import members
         from evomerge.merge.engine import apply_in_place
 
-        apply_in_place(recipe, self.pool, self.model)
+        if isinstance(recipe, Mixture):
+            stacked = all(n in self.pool.stacked for n in self.layout.names)
+            if stacked:
+                members.apply_mixture_stacked(
+                    recipe, self.pool.stacked, self.pool.refs, self.model, self.layout
+                )
+            else:
+                members.apply_mixture(recipe, self.pool.read, self.model, self.layout)
+        elif isinstance(recipe, Offspring):
+            members.build_offspring(recipe, self.read, self.model, self.layout)
+            members.save_member(self.model, self.layout, recipe.save, self.base_config)
+        else:
+            apply_in_place(recipe, self.pool, self.model)
         return self.evaluator.evaluate(self.model, self.tokenizer)
 
 
@@ -91,7 +121,7 @@ class FunctionBackend:
     def __init__(self, fn: Any, kwargs: dict[str, Any]) -> None:
         self.fn, self.kwargs = fn, kwargs
 
-    def evaluate(self, recipe: Recipe) -> Evaluation:
+    def evaluate(self, recipe: AnyRecipe) -> Evaluation:
         start = time.perf_counter()
         out = self.fn(recipe, **self.kwargs)
         if not isinstance(out, dict):
@@ -114,11 +144,11 @@ class Worker:
 
     def evaluate(self, candidate_id: str, recipe: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        ev = self.backend.evaluate(Recipe.model_validate(recipe))
+        ev = self.backend.evaluate(candidate_recipe(recipe))
         return {
             "id": candidate_id,
             "scores": ev.scores,
-            "samples": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in ev.samples.items()},
+            "samples": {k: pack_samples(v) for k, v in ev.samples.items()},
             "forward_passes": ev.forward_passes,
             "seconds": time.perf_counter() - start,
             "device": ev.device,

@@ -4,7 +4,8 @@
 
 - `layerwise`: the mergekit-evolve / Sakana PS genome, per layer group x model x filter x the method's
   searched parameters (`Param.search` in `evomerge.merge.methods`), plus per-group global parameters;
-- `task_vector`: MAP's one coefficient per task vector (task_arithmetic).
+- `task_vector`: MAP's one coefficient per task vector (task_arithmetic);
+- `model`: no genome; members are recipes over the pool (M2N2), see `model.py`.
 
 Importing this package does not import torch; building a LayerwiseSpace reads `METHODS`, which does.
 """
@@ -14,10 +15,12 @@ from __future__ import annotations
 from evomerge.registry import Registry
 from evomerge.space.base import Space
 from evomerge.space.layerwise import LayerwiseSpace
+from evomerge.space.model import ModelSpace
 from evomerge.space.task_vector import TaskVectorSpace
 
 SPACES: Registry[type[Space]] = Registry("search space")
 SPACES.add("layerwise", LayerwiseSpace)
 SPACES.add("task_vector", TaskVectorSpace)
+SPACES.add("model", ModelSpace)
 
-__all__ = ["SPACES", "LayerwiseSpace", "Space", "TaskVectorSpace"]
+__all__ = ["SPACES", "LayerwiseSpace", "ModelSpace", "Space", "TaskVectorSpace"]

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.mixture import AnyRecipe, candidate_recipe
 from evomerge.merge.recipe import Recipe
 from evomerge.registry import Registry
 from evomerge.space.base import Space
@@ -35,10 +36,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidate:
-    """One point to evaluate. `genome` for vector spaces; `recipe` is what a worker merges."""
+    """One point to evaluate. `genome` for vector spaces; `recipe` is what a worker merges (a mergekit
+    `Recipe`, or a model-space `Mixture`/`Offspring`)."""
 
     id: str
-    recipe: Recipe
+    recipe: AnyRecipe
     genome: np.ndarray | None = None
     parents: tuple[str, ...] = ()
     generation: int = 0
@@ -59,7 +61,7 @@ class Candidate:
         genome = data.get("genome")
         return cls(
             id=data["id"],
-            recipe=Recipe.model_validate(data["recipe"]),
+            recipe=candidate_recipe(data["recipe"]),
             genome=None if genome is None else np.asarray(genome, dtype=np.float64),
             parents=tuple(data.get("parents", ())),
             generation=int(data.get("generation", 0)),

@@ -63,11 +63,11 @@ def test_flat_vector_uses_reference_order_w1_in_by_out_row_major():
     vec = torch.arange(NUM_PARAMS, dtype=torch.float32)  # exact in fp32 (< 2**24)
     model = load_flat_params(DigitsMLP(), vec)
     i, j, k = 5, 200, 7  # input pixel, hidden unit, class
-    assert model.fc1.weight[j, i].item() == i * 256 + j  # reference W1[i, j]
-    assert model.fc1.bias[j].item() == 64 * 256 + j
-    assert model.fc2.weight[k, j].item() == 64 * 256 + 256 + j * 10 + k  # reference W2[j, k]
-    assert model.fc2.bias[k].item() == 64 * 256 + 256 + 256 * 10 + k
-    assert model.fc2.bias[-1].item() == NUM_PARAMS - 1
+    assert model.w1[i, j].item() == i * 256 + j  # reference W1[i, j]
+    assert model.b1[j].item() == 64 * 256 + j
+    assert model.w2[j, k].item() == 64 * 256 + 256 + j * 10 + k  # reference W2[j, k]
+    assert model.b2[k].item() == 64 * 256 + 256 + 256 * 10 + k
+    assert model.b2[-1].item() == NUM_PARAMS - 1
 
 
 def test_forward_matches_reference_formula_on_flat_vector():

@@ -22,7 +22,8 @@ from evomerge.merge.recipe import ModelSource, Recipe
 from evomerge.space.base import Space
 from evomerge.strategies import STRATEGIES, Candidate, Result, Strategy, StrategyError
 
-NAMES = STRATEGIES.names()
+# model-space strategies (m2n2) have no genome and need per-sample scores: tests/strategies/test_m2n2.py
+NAMES = [n for n in STRATEGIES.names() if not getattr(STRATEGIES.get(n), "model_space", False)]
 IN_FLIGHT = 4  # candidates evaluated at once by the simulated scheduler
 BUDGET = 120
 A = np.array([0.2, 0.8, -0.5, 1.0])
