@@ -112,11 +112,14 @@ class WorkersConfig(_Strict):
 
 class TrackingConfig(_Strict):
     """MLflow: by default a sqlite store in the run dir (`sqlite:///RUN_DIR/mlflow.db`, artifacts there too);
-    `uri` points at a team server instead."""
+    `uri` points at a team server instead. `children: front` keeps child runs to the candidates that reach
+    the front (a 50,000-candidate search would otherwise spend more CPU on MLflow than on evaluation); the
+    parent's metrics, plots and tables still cover every candidate, and the journal holds them all."""
 
     enabled: bool = True
     uri: str | None = None
     experiment: str | None = None
+    children: Literal["all", "front"] = "all"  # "front": child runs only for front candidates (huge searches)
 
 
 class RunConfig(_Strict):

@@ -283,6 +283,7 @@ class Record:
         self.ref_rule = ""
         self.ended = False
         self._front: tuple[int, set[str]] = (0, set())
+        self.ever_front: set[str] = set()  # candidates that were on the front at some flush
         self._series: list[tuple[int, int, dict[str, float]]] = []
         self._series_state: dict[str, Any] = {}
         self._params: dict[str, dict[str, str]] = {}
@@ -1065,7 +1066,7 @@ def sync(run_dir: str | Path, *, uri: str | None = None) -> dict[str, Any]:
     try:
         store = Store(uri, run_dir, config, record)
         store.attach(fresh=False)
-        report = _sync_store(store, record)
+        report = _sync_store(store, record, config.tracking.children)
     except TrackingError:
         raise
     except Exception as e:  # noqa: BLE001 - any store failure is one line for the user
@@ -1080,9 +1081,17 @@ def sync(run_dir: str | Path, *, uri: str | None = None) -> dict[str, Any]:
     return report
 
 
-def _sync_store(store: Store, record: Record) -> dict[str, Any]:
+def _child_ids(record: Record, children: str, ids: Iterable[str]) -> list[str]:
+    """The candidates that get child runs: all, or (`children: front`) those ever on the front so far."""
+    if children == "all":
+        return list(ids)
+    record.ever_front |= record.front()
+    return [c for c in ids if c in record.ever_front]
+
+
+def _sync_store(store: Store, record: Record, children: str = "all") -> dict[str, Any]:
     created = updated = 0
-    for cid in record.candidates:
+    for cid in _child_ids(record, children, record.candidates):
         outcome = store.push_child(cid)
         created += outcome == 1
         updated += outcome == 2
@@ -1352,9 +1361,12 @@ class _Tracking:
     def flush(self, dirty: set[str], final: bool, last_upload: int, uploaded_at: float) -> tuple[int, float]:
         store, record = self.store, self.record
         assert store is not None
-        for cid in sorted(dirty, key=lambda c: (record.steps.get(c, 1 << 30), c)):
+        for cid in sorted(
+            _child_ids(record, self.config.tracking.children, dirty),
+            key=lambda c: (record.steps.get(c, 1 << 30), c),
+        ):
             store.push_child(cid)
-            dirty.discard(cid)
+        dirty.clear()
         store.push_parent()
         n = len(record.results)
         due = n - last_upload >= self.artifact_every or (

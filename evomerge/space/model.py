@@ -22,19 +22,24 @@ from evomerge.space.base import Space
 
 
 class ModelSpace(Space):
-    """No genes: `models` (the pool, in coefficient order), `layout`, `size`, `boundaries`, `gram`."""
+    """No genes: `models` (the pool, in coefficient order), `layout`, `size`, `boundaries`, `gram`. With `delta`,
+    members live in task-vector space (ALGORITHMS.md 4.3 offers both; full weights is the reference's)."""
 
     names: tuple[str, ...] = ()
     lower = upper = np.zeros(0)
 
-    def __init__(
-        self, base: str | PurePath, sources: Sequence[str | PurePath], chunk: str | int = "tensor"
-    ) -> None:
+    def __init__(self, base: str | PurePath, sources: Sequence[str | PurePath], chunk: str | int = "tensor",
+                 delta: bool = False) -> None:  # fmt: skip
         if not sources:
             raise ConfigError("a model space needs at least one source model")
         self.base = str(base)
         self.models = tuple(str(s) for s in sources)
+        if delta and self.base in self.models:
+            raise ConfigError(
+                "delta: true merges task vectors against the base; do not list the base among sources"
+            )
         self.chunk = chunk
+        self.delta = delta  # members are task vectors tau = theta - theta_base; the model is base + member
         chunk_boundaries(FlatLayout(("x",), ((1,),), (0,), 1), chunk)  # validate early, before any reading
 
     @cached_property
@@ -61,10 +66,15 @@ class ModelSpace(Space):
 
     @cached_property
     def gram(self) -> np.ndarray:
+        """Of the sources, or of their task vectors (`delta`): the vectors members combine."""
+        from evomerge.checkpoints import open_source
         from evomerge.merge.members import pool_gram
 
+        base = open_source(self.base) if self.delta else None
+
         def read(ref: str, name: str):  # noqa: ANN202
-            return self._sources[ref].read(name)
+            x = self._sources[ref].read(name)
+            return x - base.read(name) if base is not None else x
 
         return pool_gram(read, self.models, self.layout, self.boundaries)
 

@@ -159,6 +159,8 @@ class M2N2(Strategy):
                                 f"(got {pop_size}, {alpha}, {mutation_std})")  # fmt: skip
         if not crossover and mutation_std == 0:
             raise StrategyError("m2n2 without crossover needs mutation (mutation_std > 0)")
+        if mutation_std > 0 and getattr(space, "delta", False):
+            raise StrategyError("m2n2 mutation stores full members: use a model space without delta")
         if mutation_std > 0 and store_dir is None:
             raise StrategyError("m2n2 with mutation keeps members in a member store: give store_dir")
         self.pop_size, self.alpha, self.matchmaker = pop_size, alpha, matchmaker
@@ -183,8 +185,14 @@ class M2N2(Strategy):
         return member, self._mixture(member)
 
     def _mixture(self, m: Member) -> Mixture:
-        return Mixture(models=list(self.space.models), size=self.space.size,
-                       starts=[int(s) for s in m.starts], coefficients=m.coeffs.tolist())  # fmt: skip
+        """The member's recipe; in delta space x = base + sum_k c_k (theta_k - base), i.e. the base gets
+        1 - sum_k c_k in every segment."""
+        models, coeffs = list(self.space.models), m.coeffs
+        if getattr(self.space, "delta", False):
+            models.append(self.space.base)
+            coeffs = np.hstack([coeffs, 1.0 - coeffs.sum(axis=1, keepdims=True)])
+        return Mixture(models=models, size=self.space.size, starts=[int(s) for s in m.starts],
+                       coefficients=coeffs.tolist())  # fmt: skip
 
     def _child(self, a: Member, b: Member, cid: str) -> tuple[Member, Any, dict[str, Any]]:
         split = (
@@ -219,6 +227,8 @@ class M2N2(Strategy):
             a, b = choose_parents(self.scores, filled, self.alpha, self.rng, matchmaker=self.matchmaker)
             return self.slots[a], self.slots[b]
         pending = [self.members[c] for c in list(self.members)[: len(self._seeds)]]  # seeds not told yet
+        if self.store is not None:  # their store entries may not be written yet: read their pool models
+            pending = [Member(m.id, ref=ref) for m, ref in zip(pending, self._seeds)]
         i, j = self.rng.integers(0, len(pending), size=2)
         return pending[i], pending[j]
 
