@@ -61,8 +61,12 @@ class VerifyError(EvomergeError):
 # ------------------------------------------------------------------------------------------ recipe types
 
 
-def recipe_from_json(data: dict[str, Any], where: str = "recipe") -> Recipe:
+def recipe_from_json(data: dict[str, Any], where: str = "recipe") -> Any:
     """A journal's recipe dict -> a recipe object. The one place that knows the recipe types."""
+    if data.get("kind") is not None:  # a model-space recipe (Mixture, Offspring)
+        from evomerge.merge.mixture import candidate_recipe
+
+        return candidate_recipe(data)
     from evomerge.merge.mergekit_io import recipe_from_dict
 
     return recipe_from_dict(data, where)
@@ -86,7 +90,18 @@ def materialize(
 
         return merge_to_dir(recipe, out, device=device, dtype=dtype, max_shard_bytes=max_shard_bytes,
                             on_plan=on_plan, on_tensor=on_tensor)  # fmt: skip
-    raise TypeError(f"cannot materialize a {type(recipe).__name__}")
+    from evomerge.merge.engine import parse_dtype
+    from evomerge.merge.members import write_model_dir
+
+    if run_dir is None:
+        raise TypeError(
+            f"a {type(recipe).__name__} recipe needs its run dir (the base model is in its config)"
+        )
+    from evomerge.runtime.run import resolve_models
+
+    base, _ = resolve_models(load_config(Path(run_dir) / "config.yaml"))
+    return write_model_dir(recipe, base, out, run_dir=run_dir, dtype=parse_dtype(dtype, "--dtype"),
+                           max_shard_bytes=max_shard_bytes)  # fmt: skip
 
 
 def mergekit_yaml(recipe: Any) -> tuple[str | None, str]:
@@ -113,7 +128,11 @@ class RecipeSummary:
 def describe(recipe: Any) -> RecipeSummary:
     if isinstance(recipe, Recipe):
         return RecipeSummary(recipe.merge_method, recipe.base_model, recipe.referenced_models())
-    raise TypeError(f"cannot describe a {type(recipe).__name__}")
+    from evomerge.merge.mixture import Mixture
+
+    if isinstance(recipe, Mixture):  # M2N2 archive member: per-segment coefficients over the pool
+        return RecipeSummary("m2n2 model-space mixture", None, list(recipe.models))
+    return RecipeSummary("m2n2 offspring (stored member)", None, list(recipe.parents))
 
 
 # ------------------------------------------------------------------------------------------ the run

@@ -177,3 +177,89 @@ def pool_gram(read: Read, refs: Sequence[str], layout: FlatLayout, boundaries: n
                 if i != j:
                     pieces[first : first + len(cuts) - 1, j, i] += sums.numpy()
     return np.concatenate([np.zeros((1, k, k)), np.cumsum(pieces, axis=0)])
+
+
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
+
+
+def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *, run_dir: str | Path | None = None,
+                    dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:  # fmt: skip
+    """Materialize a model-space recipe as a model directory beside the base's config and tokenizer, one tensor
+    at a time: the base's tensors in the base's order, those of the flat layout replaced by the recipe's.
+
+    A `Mixture` is recomputed from the pool (any candidate); an `Offspring` is read back from the member store,
+    which keeps the archive (and whatever a pending child still needs): its parents may be gone, and rebuilding
+    it would take its whole lineage."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from evomerge.checkpoints import Checkpoint
+    from evomerge.merge.target import meta_target
+
+    out = Path(out)
+    base_ckpt = Checkpoint(base)
+    if isinstance(recipe, Offspring):
+        if not (Path(recipe.save) / "model.safetensors").exists():
+            raise ConfigError(f"{recipe.save}: this member is no longer in the run's member store (only archive "
+                              "members of a mutation run are kept); export an archive member")  # fmt: skip
+        stored = Checkpoint(recipe.save)
+        members = [stored]
+    else:
+        members = [Checkpoint(r) for r in recipe.models]
+    shapes = [{n: i.shape for n, i in m.tensors.items()} for m in members]
+    layout = FlatLayout.build(((n, p.shape) for n, p in meta_target(base).named_parameters()), shapes)
+    _check_size(layout, recipe.size)
+    index = {n: i for i, n in enumerate(layout.names)}
+
+    def tensor(name: str) -> torch.Tensor:
+        info = base_ckpt.tensors[name]
+        if name not in index:
+            x = base_ckpt.read(name)
+        elif isinstance(recipe, Offspring):
+            x = stored.read(name)
+        else:
+            t, off, n = index[name], layout.offsets[index[name]], math.prod(layout.shapes[index[name]])
+            flat = torch.zeros(n, dtype=torch.float32)
+            for (lo, hi), row in zip(recipe.segment_bounds(), recipe.coefficients):
+                a, b = max(lo, off) - off, min(hi, off + n) - off
+                if a < b:
+                    for ckpt, c in zip(members, row):
+                        if c != 0.0:
+                            flat[a:b].add_(ckpt.read(name).reshape(-1)[a:b].float(), alpha=c)
+            x = flat.view(layout.shapes[t])
+        return x.to(dtype or info.dtype).contiguous()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        raise ConfigError(f"{out}: output directory already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        groups: list[list[str]] = [[]]  # shards planned from the headers, then written one at a time
+        size = 0
+        for name in base_ckpt.names:
+            info = base_ckpt.tensors[name]
+            nbytes = math.prod(info.shape) * (dtype or info.dtype).itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        files = ["model.safetensors"] if len(groups) == 1 else [
+            f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]  # fmt: skip
+        for file, names in zip(files, groups):
+            save_file({n: tensor(n) for n in names}, str(tmp / file), metadata={"format": "pt"})
+        if len(files) > 1:
+            weight_map = {n: f for f, names in zip(files, groups) for n in names}
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": weight_map}, indent=2)
+            )
+        for name in SIDE_FILES:
+            if (Path(base) / name).exists():
+                shutil.copy2(Path(base) / name, tmp / name)
+        (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

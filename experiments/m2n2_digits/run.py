@@ -180,7 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["scratch", "pretrained", "all"], default="all")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--scratch-budget", type=int, default=50_000)
+    ap.add_argument("--scratch-budget", type=int, default=20_000)  # the paper's is 50,000 (see README)
     ap.add_argument("--pretrained-budget", type=int, default=5_000)
     ap.add_argument("--root", type=Path, default=Path("/tmp/m2n2_digits"))
     ap.add_argument("--out", type=Path, default=HERE)
@@ -193,8 +193,8 @@ def main() -> None:
         if new:
             w.writerow(["part", "method", "seed", "forward_passes", "train_acc", "test_acc"])
         parts = ["pretrained", "scratch"] if args.part == "all" else [args.part]
-        for part in parts:
-            for seed in range(42, 42 + args.seeds):
+        for seed in range(42, 42 + args.seeds):  # seed outermost: an interrupted run still has whole seeds
+            for part in parts:
                 if part == "pretrained":
                     wb, tr, te = best_slerp(args.root, seed)
                     w.writerow([part, "slerp_grid", seed, 0, tr, te])
