@@ -411,20 +411,16 @@ def verify_scores(
 ) -> dict[str, tuple[float, float]]:
     """Evaluate the model in `model_dir` from disk with the run's evaluator; a score further than
     `tolerance` from the journal's is a VerifyError naming the task and both values."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from evomerge.merge.target import load_target
     from evomerge.runtime.run import evaluator_spec
     from evomerge.runtime.worker import resolve_device
 
     spec = evaluator_spec(view.config)
     if spec is None:
         raise ExportError(
-            f"--verify needs an lm-eval evaluator; {view.run_dir} used {view.config.evaluator.type}"
+            f"--verify needs an lm-eval or digits evaluator; {view.run_dir} used {view.config.evaluator.type}"
         )
-    dev = resolve_device(device or view.config.device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_target(model_dir, resolve_device(device or view.config.device))
     got = spec.build().evaluate(model, tokenizer).scores
     expected = view.results[cid]["scores"]
     pairs = {t: (float(expected[t]), float(got[t])) for t in expected if t in got}

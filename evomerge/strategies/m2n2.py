@@ -76,8 +76,9 @@ def choose_parents(scores: np.ndarray, filled: np.ndarray, alpha: float, rng: np
 
 
 def replacement_slot(scores: np.ndarray, child: np.ndarray, alpha: float) -> int | None:
-    """The archive slot the child takes (the member of lowest fitness on [S; child]), or None when the child
-    itself is the worst: argmin takes the first index, so a member wins a tie against the child."""
+    """The archive slot the child takes: the member of lowest fitness on [S; child], or None when the child
+    itself is strictly the worst. argmin takes the first index, so on a tie the member (lower index) is the
+    one picked as worst and the child replaces it, as in the reference."""
     k = int(np.argmin(competition_fitness(np.vstack([scores, child]), alpha)))
     return k if k < len(scores) else None
 
