@@ -25,10 +25,12 @@ behaviour (tests compare the two). Tie rules are stated where they matter.
 | karcher           | input    | -                             | max_iter=10, tol=1e-5                    |
 | passthrough       | input    | scale=None                    | -                                        |
 | tsv_m, iso_c      | required | -                             | alpha=1  (not in mergekit)               |
+| evo_merging       | required | weight (signed), density=1, density_neg=None | - (ours; not in mergekit) |
 
 Search ranges (`Param.search`, read by `evomerge.space`; other parameters are not searched): weight
 [0, 1], density [0.1, 1] (where a sparsifier uses it), lambda [0.5, 1.5], gamma [0, 0.1], epsilon [0, 0.1], select_topk [0.1, 1],
-t [0, 1], alpha [0.5, 1.5].
+t [0, 1], alpha [0.5, 1.5]; evo_merging: weight (signed scale) [-1.5, 1.5], density and density_neg
+[0.05, 1].
 """
 
 from __future__ import annotations
@@ -325,6 +327,54 @@ def task_arithmetic_family(
     if normalize:
         merged = merged / divisor
     return base + lambda_ * merged
+
+
+def asymmetric_magnitude_prune(delta: Tensor, density_pos: float, density_neg: float) -> Tensor:
+    """Evo-Merging's asymmetric sparsification [ours]: the max(1, floor(d+ * n+)) largest positive entries
+    and the max(1, floor(d- * n-)) most negative ones (n+/n-: how many entries have that sign). Each side
+    is a magnitude top-k over its own entries, so d+ = d- is *not* the symmetric top-k over all entries.
+    Ties keep the lower flat index (`top_k_mask`)."""
+    flat = delta.flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    for side, d in ((flat > 0, density_pos), (flat < 0, density_neg)):
+        n = int(torch.count_nonzero(side))
+        if n == 0 or d <= 0:
+            continue
+        k = n if d >= 1 else max(1, int(d * n))
+        idx = side.nonzero().flatten()
+        keep[idx[top_k_mask(flat[idx].abs(), k)]] = True
+    return (flat * keep).view_as(delta)
+
+
+def evo_merging(
+    base: Tensor,
+    tensors: Tensor,
+    *,
+    weight: tuple[float, ...],
+    density: tuple[float, ...],
+    density_neg: tuple[float | None, ...] | None = None,
+    **_: Any,
+) -> Tensor:
+    """Evo-Merging, **our interpretation** of the abstract of "Black-box Model Merging for
+    Language-Model-as-a-Service with Massive Model Repositories" (ALGORITHMS.md 4.5; no code was released).
+
+    tau^_i = magnitude top-k(tau_i, d_i) (denoising; no rescale), or the asymmetric prune with d+ = density,
+    d- = density_neg when density_neg is given; s = sign(sum_i c_i tau^_i) per element (0 elects +1);
+    theta = theta0 + sum_i c_i a_i tau^_i with a_i = [sign(c_i tau^_i) == s]. There is no division by the
+    kept weights (unlike TIES), so the signed scales c_i (`weight`, searched in [-1.5, 1.5]) carry the
+    magnitude, and a harmful model can be subtracted (negative c_i)."""
+    if tensors.shape[0] == 0:
+        return base
+    deltas = tensors - base
+    for i in range(deltas.shape[0]):
+        neg = None if density_neg is None else density_neg[i]
+        if neg is None:
+            deltas[i] = magnitude_prune(deltas[i], density[i])
+        else:
+            deltas[i] = asymmetric_magnitude_prune(deltas[i], density[i], neg)
+    deltas.mul_(_per_source(weight, deltas))
+    agree = sign_agreement(deltas, "sum").to(deltas.dtype)
+    return base + (deltas * agree).sum(0)
 
 
 def slerp(base: Tensor, tensors: Tensor, *, t: float, **_: Any) -> Tensor:
@@ -759,6 +809,18 @@ for _row in (
         "required",
         in_mergekit=False,
         url="https://arxiv.org/abs/2502.04959",
+    ),
+    Method(
+        "evo_merging",
+        evo_merging,
+        (
+            Param("weight", per_source=True, search=(-1.5, 1.5)),  # the signed scale c_i
+            Param("density", per_source=True, default=1.0, low=0.0, high=1.0, search=(0.05, 1.0)),
+            Param("density_neg", per_source=True, default=None, low=0.0, high=1.0, search=(0.05, 1.0)),
+            _INT8_MASK,
+        ),
+        "required",
+        in_mergekit=False,  # paper: "Black-box Model Merging for LMaaS..." (code not released)
     ),
 ):
     METHODS.add(_row.name, _row)
