@@ -14,9 +14,10 @@ short reference implementation to copy. nevergrad and optuna are imported when a
 - cma, ngopt: nevergrad, single objective (`nevergrad.py`)
 - nsga2, nsga3, tpe: optuna, multi-objective (`optuna.py`)
 - m2n2: Model Merging of Natural Niches over a model space (`m2n2.py`)
+- genome: GENOME / GENOME+ (population, linear crossover, mutation, PSO succession) over a model space (`genome.py`)
 """
 
-from evomerge.strategies import m2n2, map, nevergrad, optuna, random
+from evomerge.strategies import genome, m2n2, map, nevergrad, optuna, random
 from evomerge.strategies.base import STRATEGIES, Candidate, Result, Strategy, StrategyError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Result",
     "Strategy",
     "StrategyError",
+    "genome",
     "m2n2",
     "map",
     "nevergrad",
