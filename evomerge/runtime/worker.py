@@ -32,6 +32,7 @@ def resolve_device(device: str) -> str:
 
 
 MEMBER_CACHE = 4  # stored members kept loaded per worker (their files never change once written)
+STACKED_CACHE = 4  # targets of other depths kept per worker (layer-stacking recipes)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class MergeBackend:
         self.layout = model_layout(self.model, shapes)  # flat order of model-space recipes
         self.evaluator = spec.evaluator.build()
         self._members: dict[str, dict[str, Any]] = {}
+        self._stacked: dict[int, Any] = {}  # decoder depth -> target model, for layer-stacking recipes
 
     def read(self, ref: str, name: str) -> Any:
         """A tensor of a pool model, or of a stored member (model-space offspring) read from disk; the last
@@ -93,8 +95,37 @@ class MergeBackend:
             members.build_offspring(recipe, self.read, self.model, self.layout)
             members.save_member(self.model, self.layout, recipe.save, self.base_config)
         else:
-            apply_in_place(recipe, self.pool, self.model)
+            model = self.stacked_target(recipe)
+            apply_in_place(recipe, self.pool, model)
+            return self.evaluator.evaluate(model, self.tokenizer)
         return self.evaluator.evaluate(self.model, self.tokenizer)
+
+    def stacked_target(self, recipe: AnyRecipe) -> Any:
+        """The model a mergekit recipe merges into: the resident target, or, for a layer-stacking recipe
+        (data-flow space, passthrough frankenmerges) with another decoder depth, a target of that depth built
+        from the base's config (kept for the next few recipes of the same depth; the merge then overwrites
+        every tensor). A fresh build of the zoo model costs ~25 ms, small next to an evaluation."""
+        slices = getattr(recipe, "slices", None)
+        depth = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices or [])
+        if not slices or depth == getattr(getattr(self.model, "config", None), "num_hidden_layers", depth):
+            return self.model
+        if depth not in self._stacked:
+            import copy
+
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            config = copy.deepcopy(self.model.config)
+            config.num_hidden_layers = depth
+            if getattr(config, "layer_types", None):
+                config.layer_types = [config.layer_types[0]] * depth
+            dtype = next(self.model.parameters()).dtype
+            with torch.device(self.device):
+                self._stacked[depth] = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+            while len(self._stacked) > STACKED_CACHE:
+                self._stacked.pop(next(iter(self._stacked)))
+        return self._stacked[depth]
+
 
 
 def import_callable(ref: str) -> Any:
