@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import string
 import tempfile
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from evomerge.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -384,20 +385,13 @@ def _save_model(model, root: Path, name: str, digest: str) -> Path:
     from transformers import GenerationConfig
 
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         model.generation_config = GenerationConfig(
             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=False
         )
         model.save_pretrained(tmp)
         make_tokenizer().save_pretrained(tmp)
         (tmp / "zoo_model.json").write_text(json.dumps({"name": name, "digest": digest}) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import ConfigError, ShapeMismatchError
+from evomerge.fsutil import atomic_dir
 from evomerge.merge.mixture import FlatLayout, Mixture, Offspring
 
 Read = Callable[[str, str], torch.Tensor]  # (model ref, tensor name) -> tensor
@@ -137,23 +136,14 @@ def save_member(
     """Store a member as a model directory (config.json + model.safetensors), atomically (temp + rename)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        named = dict(model.named_parameters())
+    named = dict(model.named_parameters())
+    with atomic_dir(out) as tmp:
         save_file(
             {n: named[n].detach().to("cpu").contiguous() for n in layout.names},
             str(tmp / "model.safetensors"),
         )
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def pool_gram(read: Read, refs: Sequence[str], layout: FlatLayout, boundaries: np.ndarray) -> np.ndarray:
@@ -230,11 +220,9 @@ def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *, 
             x = flat.view(layout.shapes[t])
         return x.to(dtype or info.dtype).contiguous()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         raise ConfigError(f"{out}: output directory already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         groups: list[list[str]] = [[]]  # shards planned from the headers, then written one at a time
         size = 0
         for name in base_ckpt.names:
@@ -258,8 +246,4 @@ def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *, 
             if (Path(base) / name).exists():
                 shutil.copy2(Path(base) / name, tmp / name)
         (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
