@@ -168,6 +168,14 @@ def _print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> 
     from rich.table import Table
 
     best = summary.get("best")
+    counts = summary.get("counts")
+    if counts:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["failed_by_reason"].items()))
+        console.print(
+            f"candidates {counts['candidates']}: {counts['ok']} ok, {counts['failed']} failed"
+            + (f" ({reasons})" if reasons else "")
+            + f", {counts['retried']} retried ({counts['retries']} extra attempts)"
+        )
     if best is None:
         console.print(f"no successful candidate; journal: {run_dir / 'journal.jsonl'}")
         return
@@ -420,19 +428,26 @@ def ui(
     tracking_uri: Annotated[
         str | None, typer.Option(help="Any MLflow tracking URI instead of a run dir.")
     ] = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; anything but 127.0.0.1 exposes the store to the network.")
+    ] = "127.0.0.1",
 ) -> None:
-    """Serve the MLflow UI for a run's store on 127.0.0.1 and print its URL (Ctrl-C stops it)."""
+    """Serve the MLflow UI for a run's store (on 127.0.0.1 unless --host) and print its URL (Ctrl-C stops it)."""
     from evomerge.errors import EvomergeError
     from evomerge.ui import experiment_url, run_experiment_id, start_server, store_uri
 
     try:
         uri = store_uri(run_dir, tracking_uri)
         experiment = run_experiment_id(uri, run_dir) if uri.startswith("sqlite") else None
-        proc = start_server(uri, port=port)
+        proc = start_server(uri, host=host, port=port)
     except EvomergeError as e:
         _fail(str(e))
-    print(f"MLflow UI: {experiment_url('127.0.0.1', port, experiment)}", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(
+            f"warning: the MLflow UI listens on {host}: anyone who can reach it can read and change the store"
+        )
+    print(f"MLflow UI: {experiment_url(host, port, experiment)}", flush=True)
     try:
         proc.wait()
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -58,6 +58,19 @@ class SpaceConfig(_Strict):
 class StrategyConfig(_Strict):
     name: str = "cma"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _store_inside_run_dir(self) -> StrategyConfig:
+        store = self.options.get("store_dir")
+        if store is not None and not _inside(str(store)):
+            raise ValueError(f"options.store_dir: must be a relative path inside the run dir (got {store!r})")
+        return self
+
+
+def _inside(path: str) -> bool:
+    """A relative path that stays inside the directory it is relative to (no `..` out of it)."""
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    return bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts and ":" not in path
 
 
 class EvaluatorConfig(_Strict):
@@ -107,6 +120,7 @@ class WorkersConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=1, ge=1)
     max_retries: int = Field(default=2, ge=0)
+    timeout_seconds: float | None = Field(default=None, gt=0)  # per candidate; its worker is then restarted
     scheduling: Literal["ordered", "as_completed"] = "ordered"
 
 
@@ -135,6 +149,12 @@ class RunConfig(_Strict):
     output: str | None = None
     device: str = "auto"
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _plain_name(self) -> RunConfig:
+        if self.output is None and (not _inside(self.name) or "/" in self.name or "\\" in self.name):
+            raise ValueError(f"name: must be a plain name, used as runs/NAME (got {self.name!r})")
+        return self
 
     def content_hash(self) -> str:
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -171,6 +191,9 @@ def load_config(path: str | Path) -> RunConfig:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
     return parse_config(data, str(path))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Journal:
 
     def append(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        fault_point("journal_write", lambda: self._file.write(line[: len(line) // 2]))  # tests only
         self._file.write(line)
         os.fsync(self._file.fileno())
 

@@ -22,7 +22,7 @@ import yaml
 
 import evomerge
 from evomerge.config import Objective, RunConfig, load_config
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.merge.recipe import Recipe
 from evomerge.runtime.journal import Journal, read_journal
 from evomerge.runtime.search import (
@@ -33,6 +33,7 @@ from evomerge.runtime.search import (
     Search,
     SearchState,
     WorkerPool,
+    failure_summary,
     replay,
 )
 
@@ -46,6 +47,10 @@ def resolve_models(config: RunConfig) -> tuple[str, list[str]]:
 
         paths = build_zoo(Path(config.models.zoo), seed=config.models.zoo_seed)
         return str(paths["base"]), [str(p) for name, p in sorted(paths.items()) if name != "base"]
+    for ref in [config.models.base, *config.models.sources]:  # before anything starts (`dir+adapter` too)
+        for part in [ref] if Path(ref).is_dir() else str(ref).split("+"):
+            if not Path(part).is_dir():
+                raise ConfigError(f"models: {part}: no such model directory")
     return config.models.base, list(config.models.sources)
 
 
@@ -111,8 +116,8 @@ def build_strategy(
     params = inspect.signature(cls).parameters
     if "num_workers" in params and "num_workers" not in options:
         options["num_workers"] = config.workers.count
-    if "store_dir" in params and "store_dir" not in options and run_dir is not None:
-        options["store_dir"] = str(Path(run_dir).resolve() / "members")
+    if "store_dir" in params and run_dir is not None:  # inside the run dir (config.py refuses anything else)
+        options["store_dir"] = str(Path(run_dir).resolve() / options.get("store_dir", "members"))
     return cls(space, n_objectives=len(objectives), seed=config.seed, weights=[o.weight for o in objectives],
                budget=config.budget.candidates, **options)  # fmt: skip
 
@@ -151,8 +156,13 @@ def write_results(run_dir: Path, state: SearchState, objectives: Objectives) -> 
     from evomerge.pareto import non_dominated
 
     ok = [r for r in state.results.values() if r["status"] == "ok"]
+    counts = failure_summary(state)
     if not ok:
-        return {"front": [], "best": None}
+        summary = {"objectives": objectives.names, "front": [], "best": None, "counts": counts}
+        tmp = run_dir / "front.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "front.json")
+        return summary
     points = np.array([r["objectives"] for r in ok])
     front = [ok[i] for i in np.flatnonzero(non_dominated(points))]
     best = max(ok, key=lambda r: float(np.dot(objectives.weights, r["objectives"])))
@@ -161,7 +171,8 @@ def write_results(run_dir: Path, state: SearchState, objectives: Objectives) -> 
         return {"id": r["id"], "scores": r["scores"], "objectives": r["objectives"],
                 "recipe": state.candidates[r["id"]].recipe.to_dict()}  # fmt: skip
 
-    summary = {"objectives": objectives.names, "front": [row(r) for r in front], "best": row(best)}
+    summary = {"objectives": objectives.names, "front": [row(r) for r in front], "best": row(best),
+               "counts": counts}  # fmt: skip
     tmp = run_dir / "front.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, run_dir / "front.json")
@@ -211,6 +222,7 @@ def execute(
                             "config_hash": config.content_hash(), "version": evomerge.__version__})  # fmt: skip
             search = Search(strategy, objectives, journal, pool, state, budget,
                             scheduling=config.workers.scheduling, max_retries=config.workers.max_retries,
+                            timeout=config.workers.timeout_seconds,
                             on_progress=on_progress, observers=observers)  # fmt: skip
             state = search.run()
     finally:
@@ -229,8 +241,15 @@ def start(config_path: Path, *, out: Path | None = None, address: str | None = N
     config = load_config(config_path)
     if workers is not None:
         config = config.model_copy(update={"workers": config.workers.model_copy(update={"count": workers})})
+    new = not Path(out or config.output or Path("runs") / config.name).exists()
     run_dir = create_run_dir(config, config_path if workers is None else None, out)
-    state, summary = execute(run_dir, config, address=address, on_progress=on_progress)
+    try:
+        state, summary = execute(run_dir, config, address=address, on_progress=on_progress)
+    except EvomergeError:
+        events = read_journal(run_dir / "journal.jsonl", repair=False)
+        if new and not any(e["event"] == "result" for e in events):  # nothing done: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir, state, summary
 
 

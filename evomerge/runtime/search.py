@@ -11,14 +11,18 @@ Either way the journal records the exact call sequence, and resume replays it: t
 the same candidates (checked), the recorded results are told again without re-evaluation, and only
 candidates without a result are run again.
 
-Faults: an evaluator that raises is retried up to `max_retries`, then recorded as failed with the reason;
-a worker process that dies is restarted by Ray (max_restarts) and its candidate re-run elsewhere; no
-candidate is lost or counted twice (one `result` event per candidate).
+Faults: an evaluator that raises, a worker process that dies (restarted by Ray, max_restarts) and a
+candidate that runs past `timeout` seconds (its worker is killed and restarted) are retried up to
+`max_retries` times, then recorded as failed with the reason (`reason`: error, worker_died, timeout); a
+result with a missing or non-finite objective is recorded as failed at once (`reason`: invalid). No candidate
+is lost or counted twice (one `result` event per candidate); `failure_summary` counts them. A worker whose
+constructor fails (a bad checkpoint, say) stops the search with that error: every worker would fail alike.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ import numpy as np
 from evomerge.config import Objective
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import unpack_samples
+from evomerge.faults import fault_point
 from evomerge.runtime.journal import Journal
 from evomerge.strategies.base import Candidate, Result, Strategy
 
@@ -40,6 +45,35 @@ PROGRESS_EVERY = 0.25  # seconds between progress callbacks
 
 class ResumeError(EvomergeError):
     pass
+
+
+class WorkerStartError(EvomergeError):
+    pass
+
+
+def failure_summary(state: SearchState) -> dict[str, Any]:
+    """Counts over the final results: ok, failed (by reason), retried candidates and extra attempts."""
+    reasons: dict[str, int] = {}
+    retried = retries = 0
+    for r in state.results.values():
+        attempts = int(r.get("attempts", 1))
+        retried += attempts > 1
+        retries += attempts - 1
+        if r["status"] != "ok":
+            reason = r.get("reason", "error")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    failed = sum(reasons.values())
+    return {"candidates": len(state.results), "ok": len(state.results) - failed, "failed": failed,
+            "failed_by_reason": reasons, "retried": retried, "retries": retries}  # fmt: skip
+
+
+def _init_error(e: Exception) -> str:
+    """The exception line(s) of a worker constructor's traceback, as Ray reports it."""
+    lines = str(e).splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ", line):
+            return " ".join(x.strip() for x in lines[i:] if x.strip())[:500]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 @dataclass
@@ -226,11 +260,16 @@ class Search:
         *,
         scheduling: str = "ordered",
         max_retries: int = 2,
+        timeout: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         observers: list[Observer] | None = None,
     ) -> None:
         self.strategy, self.objectives, self.journal, self.pool = strategy, objectives, journal, pool
         self.state, self.budget, self.scheduling, self.max_retries = state, budget, scheduling, max_retries
+        self.timeout = timeout
+        self.deadlines: dict[
+            Any, float
+        ] = {}  # evaluation ref -> monotonic time it times out (with a timeout)
         self.on_progress = on_progress
         self.observers = list(observers or [])
         self.attempts: dict[str, int] = {}
@@ -255,6 +294,7 @@ class Search:
         if n <= 0:
             return
         batch = self.strategy.ask(n)
+        fault_point("ask")  # tests only (evomerge.faults)
         self.journal.append(
             {"event": "ask", "t": time.time(), "n": n, "candidates": [c.to_json() for c in batch]}
         )
@@ -267,7 +307,9 @@ class Search:
         self.journal.append({"event": "tell", "t": time.time(), "ids": ids})
         self.state.mark_told(ids)
 
-    def _record(self, cid: str, payload: dict[str, Any] | None, error: str | None) -> None:
+    def _record(
+        self, cid: str, payload: dict[str, Any] | None, error: str | None, reason: str = "error"
+    ) -> None:
         event: dict[str, Any] = {
             "event": "result",
             "t": time.time(),
@@ -280,13 +322,14 @@ class Search:
                 if not np.all(np.isfinite(objectives)):
                     raise EvomergeError(f"non-finite objective values {objectives.tolist()}")
             except EvomergeError as e:
-                payload, error = None, str(e)
+                payload, error, reason = None, str(e), "invalid"
         if payload is None:
-            event.update(status="failed", error=error, scores={}, objectives=None, forward_passes=0)
+            event.update(status="failed", reason=reason, error=error, scores={}, objectives=None,
+                         forward_passes=0)  # fmt: skip
         else:
             event.update(status="ok", scores=payload["scores"], objectives=objectives.tolist(),
                          samples=payload["samples"], forward_passes=payload["forward_passes"],
-                         seconds=payload["seconds"], pid=payload["pid"])  # fmt: skip
+                         seconds=payload["seconds"], pid=payload["pid"], node=payload.get("node"))  # fmt: skip
         self.journal.append(event)
         self.state.add_result(event)
         self._notify("on_result", event, self.state.candidates[cid])
@@ -324,16 +367,22 @@ class Search:
         self._after_result_all()
         if not self.state.candidates and self.can_ask():
             self._ask(len(self.pool.actors))
-        idle = list(range(len(self.pool.actors)))
-        # ref -> (candidate id, worker); a None id is a ping to a restarting worker, idle again once it answers
-        in_flight: dict[Any, tuple[str | None, int]] = {}
+        # ref -> (candidate id, worker); a None id is a ping to a starting or restarting worker, idle again once
+        # it answers (so a timeout never counts a worker's start-up, and a constructor error surfaces here)
+        idle: list[int] = []
+        in_flight: dict[Any, tuple[str | None, int]] = {
+            a.pid.remote(): (None, w) for w, a in enumerate(self.pool.actors)
+        }
         while True:
             running = {cid for cid, _ in in_flight.values() if cid is not None}
             for cid in [c for c in self.state.waiting if c not in running][: len(idle)]:
                 w = idle.pop(0)
                 self.attempts[cid] = self.attempts.get(cid, 0) + 1
                 recipe = self.state.candidates[cid].recipe.to_dict()
-                in_flight[self.pool.actors[w].evaluate.remote(cid, recipe)] = (cid, w)
+                ref = self.pool.actors[w].evaluate.remote(cid, recipe)
+                in_flight[ref] = (cid, w)
+                if self.timeout is not None:
+                    self.deadlines[ref] = time.monotonic() + self.timeout
                 running.add(cid)
             if self.on_progress and time.monotonic() >= self._next_progress:  # the front costs O(n log n)
                 self._next_progress = time.monotonic() + PROGRESS_EVERY
@@ -363,20 +412,28 @@ class Search:
                 log.exception("observer %s failed in %s", type(observer).__name__, hook)
 
     def _collect(self, ray: Any, in_flight: dict[Any, tuple[str | None, int]], idle: list[int]) -> None:
-        """Handle whatever finished: results, failures, dead workers (kept out of `idle` until they answer)."""
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5.0)
+        """Handle whatever finished: results, failures, dead workers (kept out of `idle` until they answer),
+        candidates past their deadline."""
+        wait = 5.0
+        if self.deadlines:
+            wait = min(wait, max(0.0, min(self.deadlines.values()) - time.monotonic()))
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait)
         for ref in ready:
             cid, w = in_flight.pop(ref)
+            self.deadlines.pop(ref, None)
             try:
                 payload = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the worker process died or is restarting
+                if getattr(e, "actor_init_failed", False):
+                    raise WorkerStartError(f"search worker could not start: {_init_error(e)}") from None
                 time.sleep(0.2)
                 in_flight[self.pool.actors[w].pid.remote()] = (None, w)  # idle again once it answers
                 if cid is None:
                     continue
                 log.warning("worker %d died while evaluating %s: %s", w, cid, type(e).__name__)
                 if self.attempts[cid] > self.max_retries:
-                    self._record(cid, None, f"worker died {self.attempts[cid]} times ({type(e).__name__})")
+                    self._record(cid, None, f"worker died {self.attempts[cid]} times ({type(e).__name__})",
+                                 "worker_died")  # fmt: skip
                     self._after_result(cid)
                 continue  # re-run on a live worker
             except ray.exceptions.RayTaskError as e:
@@ -392,6 +449,23 @@ class Search:
             idle.append(w)
             if cid is not None:
                 self._record(cid, payload, None)
+                self._after_result(cid)
+        self._expire(ray, in_flight)
+
+    def _expire(self, ray: Any, in_flight: dict[Any, tuple[str | None, int]]) -> None:
+        """Kill (Ray restarts it) the worker of each candidate past its deadline; retry or record a timeout."""
+        now = time.monotonic()
+        for ref in [r for r, t in self.deadlines.items() if t <= now]:
+            del self.deadlines[ref]
+            cid, w = in_flight.pop(ref)
+            assert cid is not None
+            log.warning("candidate %s timed out after %.0f s (attempt %d); restarting worker %d",
+                        cid, self.timeout, self.attempts[cid], w)  # fmt: skip
+            ray.kill(self.pool.actors[w], no_restart=False)
+            in_flight[self.pool.actors[w].pid.remote()] = (None, w)  # idle again once restarted
+            if self.attempts[cid] > self.max_retries:
+                self._record(cid, None, f"timeout: no result within {self.timeout:g} s in "
+                             f"{self.attempts[cid]} attempts", "timeout")  # fmt: skip
                 self._after_result(cid)
 
     def _after_result_all(self) -> None:
