@@ -223,6 +223,42 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+_SECRET_WORDS = {"token", "key", "apikey", "secret", "password", "passwd", "pwd", "credential", "credentials",
+                 "auth", "authorization"}  # fmt: skip
+REDACTED = "***"
+
+
+def _is_secret(key: str) -> bool:
+    """A config key that names a secret: one of its words (split at `_-.` and case changes) is token, key,
+    secret, password, ... (`hf_token`, `api_key`, `apiKey`, `db.password`; not `max_new_tokens`)."""
+    leaf = str(key).rsplit(".", 1)[-1]
+    words = re.split(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])", leaf)
+    return any(w.lower() in _SECRET_WORDS for w in words if w)
+
+
+def _redact_url(value: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`; a token in the query string likewise."""
+    value = re.sub(r"(://[^/:@\s]*):[^@/\s]*@", rf"\1:{REDACTED}@", value)
+    return re.sub(
+        r"([?&][^=&#]*?(?:token|key|secret|password|passwd|pwd|auth)[^=&#]*=)[^&#]*",
+        rf"\1{REDACTED}",
+        value,
+        flags=re.IGNORECASE,
+    )
+
+
+def redact(data: Any, key: str = "") -> Any:
+    """A copy of a config (mapping, list or scalar) safe to log: values under secret-named keys replaced by
+    `***`, passwords and tokens in URLs too. Used for the parent run's params and its config.yaml artifact."""
+    if isinstance(data, dict):
+        return {k: (REDACTED if _is_secret(k) and v is not None else redact(v, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v, key) for v in data]
+    if isinstance(data, str):
+        return _redact_url(data)
+    return data
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout evomerge runs from (`-dirty` when tracked files differ), or None."""
     root = Path(evomerge.__file__).resolve().parent.parent
@@ -908,15 +944,22 @@ class Store:
                 tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.config.name)
             self.parent = _Known(run.info.run_id, dict(run.data.tags))
-            params = _flatten(self.config.model_dump(mode="json"))
+            params = _flatten(redact(self.config.model_dump(mode="json")))
             params.update(
                 evomerge_version=evomerge.__version__, run_dir=run_dir, config_hash=self.config.content_hash()
             )
             if commit:
                 params["git_commit"] = commit
             self._log(self.parent, params=params)
-            if (self.run_dir / "config.yaml").exists():
-                self.client.log_artifact(self.parent.run_id, str(self.run_dir / "config.yaml"))
+            if (self.run_dir / "config.yaml").exists():  # as given, less its secrets
+                with tempfile.TemporaryDirectory(prefix="evomerge-config-") as tmp:
+                    text = (self.run_dir / "config.yaml").read_text()
+                    try:
+                        text = yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)
+                    except yaml.YAMLError:
+                        text = _redact_url(text)
+                    (Path(tmp) / "config.yaml").write_text(text)
+                    self.client.log_artifact(self.parent.run_id, str(Path(tmp) / "config.yaml"))
 
     def _adopt_ref(self) -> None:
         """The reference point recorded on the parent stays the run's r (chosen once, never changed)."""
@@ -1309,7 +1352,7 @@ class _Tracking:
             log.warning(
                 "MLflow tracking to %s stopped (%s); the search goes on; bring the store up to date "
                 "later with `evomerge sync %s`",
-                self.uri,
+                _redact_url(self.uri),
                 _one_line(e),
                 self.run_dir,
             )

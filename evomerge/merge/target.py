@@ -30,8 +30,8 @@ def load_target(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module,
         return model.to(device).eval(), None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def meta_target(path: str | Path) -> torch.nn.Module:
@@ -43,4 +43,5 @@ def meta_target(path: str | Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never code from a checkpoint
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
