@@ -114,7 +114,15 @@ class BudgetConfig(_Strict):
         return self
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
 class WorkersConfig(_Strict):
+    """`num_gpus` per worker may be fractional (0.25: four workers share a GPU); a worker with GPUs puts its
+    pool and target model on its GPU (`device: auto`). `pool_dtype` stores the resident sources (bfloat16
+    halves their memory; merges still accumulate in fp32), `model_dtype` is the target model's (evaluation)
+    dtype."""
+
     count: int = Field(default=2, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -122,6 +130,8 @@ class WorkersConfig(_Strict):
     max_retries: int = Field(default=2, ge=0)
     timeout_seconds: float | None = Field(default=None, gt=0)  # per candidate; its worker is then restarted
     scheduling: Literal["ordered", "as_completed"] = "ordered"
+    pool_dtype: Dtype = "float32"
+    model_dtype: Dtype = "float32"
 
 
 class TrackingConfig(_Strict):
@@ -149,6 +159,15 @@ class RunConfig(_Strict):
     output: str | None = None
     device: str = "auto"
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _gpu_reserved(self) -> RunConfig:
+        if self.device.startswith("cuda") and self.workers.num_gpus == 0:
+            raise ValueError(
+                f"device: {self.device} needs workers.num_gpus > 0 (Ray gives a worker a GPU only when it asks "
+                "for one; e.g. 0.25 for four workers per GPU)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _plain_name(self) -> RunConfig:
@@ -182,7 +201,8 @@ def parse_config(data: Any, where: str) -> RunConfig:
             raise ConfigError(f"{where}: unknown key '{_loc(first['loc'])}'") from None
         got = f" (got {first['input']!r})" if not isinstance(first.get("input"), dict) else ""
         msg = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {_loc(first['loc'])}: {msg}{got}") from None
+        field_ = f"{_loc(first['loc'])}: " if first["loc"] else ""  # a whole-config check names its fields
+        raise ConfigError(f"{where}: {field_}{msg}{got}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -268,6 +268,23 @@ def combine(
     return torch.mv(flat.T, c).view(stacked.shape[1:])
 
 
+FP32_CHUNK = 1 << 22  # elements per pool row cast to fp32 at a time (a K x 16 MiB scratch buffer)
+
+
+def combine_into(coefficients: list[float], stacked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """target = sum_i c_i * stacked[i], accumulated in fp32 whatever the dtypes of `stacked` (a bf16/fp16
+    pool) and `target`: a low-precision pool is cast chunk by chunk into a small fp32 buffer, never whole."""
+    if stacked.dtype == target.dtype and stacked.dtype.itemsize >= 4:
+        return combine(coefficients, stacked, out=target)
+    acc = torch.float64 if torch.float64 in (stacked.dtype, target.dtype) else torch.float32
+    c = torch.tensor(coefficients, dtype=acc, device=stacked.device)
+    flat, out = stacked.reshape(len(coefficients), -1), target.view(-1)
+    for lo in range(0, flat.shape[1], FP32_CHUNK):
+        hi = min(lo + FP32_CHUNK, flat.shape[1])
+        out[lo:hi].copy_(torch.mv(flat[:, lo:hi].to(acc).T, c))
+    return target
+
+
 def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
     """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error."""
     method = METHODS.get(job.method)
@@ -498,6 +515,7 @@ class ResidentPool:
                  dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         self.sources = dict(sources)
         self.device = torch.device(device)
+        self.dtype = dtype
         self.refs = list(self.sources)
         self.index = {ref: i for i, ref in enumerate(self.refs)}
         self.stacked: dict[str, torch.Tensor] = {}
@@ -558,8 +576,8 @@ def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -
             )
         coefficients = linear_form(job)
         stack = pool.whole_pool_stack(job) if coefficients is not None else None
-        if stack is not None and stack.dtype == target.dtype and target.data.is_contiguous():
-            _check_finite(job, combine(coefficients, stack, out=target.data))  # straight into the target
+        if stack is not None and target.data.is_contiguous():
+            _check_finite(job, combine_into(coefficients, stack, target.data))  # straight into the target
         else:
             target.data.copy_(merge_tensor(job, pool.read))
     return plan_

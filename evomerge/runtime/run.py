@@ -73,7 +73,8 @@ def backend_spec(config: RunConfig, base: str, sources: list[str]) -> Any:
 
     if config.evaluator.type == "function":
         return FunctionBackendSpec(config.evaluator.function, dict(config.evaluator.kwargs))
-    return MergeBackendSpec(base, tuple(sources), evaluator_spec(config), device=config.device)
+    return MergeBackendSpec(base, tuple(sources), evaluator_spec(config), device=config.device,
+                            pool_dtype=config.workers.pool_dtype, model_dtype=config.workers.model_dtype)  # fmt: skip
 
 
 def objectives_of(config: RunConfig) -> list[Objective]:

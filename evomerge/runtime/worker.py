@@ -24,11 +24,37 @@ from evomerge.merge.mixture import AnyRecipe, Mixture, Offspring, candidate_reci
 
 
 def resolve_device(device: str) -> str:
+    """`auto`: CUDA when this process may use a GPU, else CPU. Inside a Ray worker that means the actor
+    reserved GPUs (`workers.num_gpus` > 0; Ray then limits CUDA_VISIBLE_DEVICES to its GPU, shared when
+    fractional): a worker without a reservation stays on the CPU even on a GPU node."""
     if device != "auto":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    gpus = _ray_gpu_ids()
+    return "cuda" if gpus is None or gpus else "cpu"
+
+
+def _ray_gpu_ids() -> list[Any] | None:
+    """The GPUs Ray assigned to this worker process, or None outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): results say where they were computed."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 MEMBER_CACHE = 4  # stored members kept loaded per worker (their files never change once written)
@@ -43,6 +69,8 @@ class MergeBackendSpec:
     sources: tuple[str, ...]
     evaluator: Any  # an evaluator spec with build()
     device: str = "auto"
+    pool_dtype: str = "float32"  # resident sources; merges accumulate in fp32 whatever this is
+    model_dtype: str = "float32"  # the target model (what the evaluator runs)
 
     def build(self) -> MergeBackend:
         return MergeBackend(self)
@@ -50,14 +78,16 @@ class MergeBackendSpec:
 
 class MergeBackend:
     def __init__(self, spec: MergeBackendSpec) -> None:
-        from evomerge.merge.engine import ResidentPool
+        from evomerge.merge.engine import ResidentPool, parse_dtype
         from evomerge.merge.members import model_layout
         from evomerge.merge.target import load_target
 
         self.device = resolve_device(spec.device)
         refs = list(dict.fromkeys([*spec.sources, spec.base]))  # the order `models:` recipes give (base last)
-        self.pool = ResidentPool.from_refs(refs, base=spec.base, device=self.device)
+        pool_dtype = parse_dtype(spec.pool_dtype, "workers.pool_dtype")
+        self.pool = ResidentPool.from_refs(refs, base=spec.base, device=self.device, dtype=pool_dtype)
         self.model, self.tokenizer = load_target(spec.base, self.device)
+        self.model.to(parse_dtype(spec.model_dtype, "workers.model_dtype"))
         self.base_config = json.loads((Path(spec.base) / "config.json").read_text())
         shapes = [{n: i.shape for n, i in self.pool.sources[r].tensors.items()} for r in spec.sources]
         self.layout = model_layout(self.model, shapes)  # flat order of model-space recipes
@@ -80,11 +110,15 @@ class MergeBackend:
         return self._members[ref][name]
 
     def evaluate(self, recipe: AnyRecipe) -> Evaluation:
+        import torch
+
         from evomerge.merge import members
         from evomerge.merge.engine import apply_in_place
 
         if isinstance(recipe, Mixture):
-            stacked = all(n in self.pool.stacked for n in self.layout.names)
+            stacked = self.pool.dtype == torch.float32 and all(
+                n in self.pool.stacked for n in self.layout.names
+            )
             if stacked:
                 members.apply_mixture_stacked(
                     recipe, self.pool.stacked, self.pool.refs, self.model, self.layout
@@ -125,7 +159,6 @@ class MergeBackend:
             while len(self._stacked) > STACKED_CACHE:
                 self._stacked.pop(next(iter(self._stacked)))
         return self._stacked[depth]
-
 
 
 def import_callable(ref: str) -> Any:
@@ -184,6 +217,7 @@ class Worker:
             "seconds": time.perf_counter() - start,
             "device": ev.device,
             "pid": os.getpid(),
+            "node": node_id(),
         }
 
     def pid(self) -> int:
