@@ -1,0 +1,131 @@
+"""A search on a real two-node Ray cluster: `ray start --head` and a second `ray start --address` on this
+machine (one CPU each, so each node hosts exactly one worker), the driver being `evomerge run CONFIG
+--address HOST:PORT` in its own process, as on a real cluster.
+
+The nodes are `--block` processes in their own process groups, killed by group at teardown (never
+`ray stop`, which would stop every Ray on the machine). The module-scoped `local_ray` of other test modules
+may be running in this pytest process: nothing here touches it (no `ray.init` in this process).
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+RAY = str(Path(sys.executable).parent / "ray")
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _node_args(temp_dir: str) -> list[str]:
+    agent, grpc, metrics, env_agent = _free_ports(4)
+    return ["--num-cpus=1", "--object-store-memory=100000000", "--node-ip-address=127.0.0.1",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-log-monitor=false", "--block"]  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The node's whole process group: `ray start --block`, its raylet (and GCS), the workers it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _wait_for_nodes(address: str, n: int, procs: list[subprocess.Popen], temp_dir: str) -> None:
+    """Until `ray status` lists n active nodes (a loaded 2-core machine takes ~30 s for the second)."""
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a Ray node exited\n{_logs(temp_dir)}")
+        status = subprocess.run([RAY, "status", f"--address={address}"], env=ENV, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        active = status.stdout.split("Active:")[-1].split("Pending:")[0]
+        if status.returncode == 0 and active.count(" node_") >= n:
+            return
+        time.sleep(1.0)
+    pytest.fail(f"the cluster never had {n} nodes\n{_logs(temp_dir)}")
+
+
+@pytest.fixture
+def two_node_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="evr", dir="/tmp")  # short: Ray's unix socket paths live under it
+    port, client = _free_ports(2)
+    address = f"127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], name: str) -> None:
+        with open(Path(temp_dir) / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen([RAY, "start", *args, *_node_args(temp_dir)], env=ENV, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+
+    try:
+        start(["--head", f"--port={port}", f"--ray-client-server-port={client}", "--include-dashboard=false"],
+              "head")  # fmt: skip
+        start([f"--address={address}"], "worker")  # retries until the head's GCS answers
+        _wait_for_nodes(address, 2, procs, temp_dir)
+        yield address, temp_dir
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _logs(temp_dir: str) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in Path(temp_dir).glob("*.log"))
+
+
+def test_search_runs_on_both_nodes_of_a_cluster(two_node_cluster, pool, tmp_path):
+    address, temp_dir = two_node_cluster
+    run_dir = tmp_path / "run"
+    config = {
+        "name": "cluster",
+        "models": {"base": str(pool["base"]), "sources": [str(pool[e]) for e in ("e0", "e1", "e2")]},
+        "space": {"type": "task_vector"},
+        "strategy": {"name": "random"},
+        "evaluator": {
+            "type": "function",
+            "function": "evomerge.evaluate.synthetic:sleep",
+            "kwargs": {"seconds": 1.0},
+        },  # fmt: skip
+        "objectives": [{"name": "q0"}, {"name": "q1"}],
+        "budget": {"candidates": 12},
+        "workers": {"count": 2, "num_cpus": 1},  # one CPU per node: one worker on each
+        "tracking": {"enabled": False},
+        "seed": 1,
+        "output": str(run_dir),
+    }
+    cfg_file = tmp_path / "cluster.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    driver = subprocess.run([sys.executable, "-m", "evomerge", "run", str(cfg_file), "--address", address],
+                            env=ENV, capture_output=True, text=True, timeout=150)  # fmt: skip
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:] + _logs(temp_dir)
+    events = [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines()]
+    results = [e for e in events if e["event"] == "result"]
+    assert len(results) == 12 and all(r["status"] == "ok" for r in results)
+    nodes = {r["node"] for r in results}
+    where = [(r["id"], r["node"][:8], r["pid"], round(r["t"] - events[0]["t"], 1)) for r in results]
+    assert len(nodes) == 2 and None not in nodes, where  # both nodes did work
+    by_node = {n: {r["pid"] for r in results if r["node"] == n} for n in nodes}
+    assert all(len(p) == 1 for p in by_node.values()), by_node  # one worker process per node
+    assert os.getpid() not in {r["pid"] for r in results}
+    assert events[-1]["event"] == "end" and (run_dir / "front.json").exists()
