@@ -175,7 +175,20 @@ def _journal(run_dir: Path):
     return asked, results
 
 
-def test_engine_run_on_the_zoo_resumes_exactly(local_ray, zoo, tmp_path):
+@pytest.fixture(scope="module")
+def zoo_models(request) -> dict[str, Path]:
+    """The repo's cached zoo (`./zoo`, what `make demo` builds) when present, else the session `zoo` fixture
+    (which trains one, minutes)."""
+    from evomerge.zoo import build_zoo
+
+    cached = Path(__file__).resolve().parents[2] / "zoo"
+    if (cached / "zoo.json").exists():
+        return build_zoo(cached, seed=0)
+    return request.getfixturevalue("zoo")
+
+
+def test_engine_run_on_the_zoo_resumes_exactly(local_ray, zoo_models, tmp_path):
+    zoo = zoo_models
     from evomerge.runtime.run import create_run_dir, execute, resume
 
     config = _config(zoo, tmp_path / "full")
