@@ -129,3 +129,19 @@ def test_search_runs_on_both_nodes_of_a_cluster(two_node_cluster, pool, tmp_path
     assert all(len(p) == 1 for p in by_node.values()), by_node  # one worker process per node
     assert os.getpid() not in {r["pid"] for r in results}
     assert events[-1]["event"] == "end" and (run_dir / "front.json").exists()
+
+
+def test_cluster_configs_are_valid():
+    """configs/cluster/: the example run config validates; the launcher YAML and the RayJob run evomerge."""
+    from evomerge.config import load_config
+
+    root = Path(__file__).parents[2] / "configs/cluster"
+    cfg = load_config(root / "search.yaml")
+    assert cfg.workers.num_gpus > 0 and cfg.workers.pool_dtype == "bfloat16"
+    launcher = yaml.safe_load((root / "aws-gpu.yaml").read_text())
+    assert {"head", "gpu_worker"} <= set(launcher["available_node_types"])
+    assert any("cu1" in c for c in launcher["worker_setup_commands"])  # CUDA torch on GPU nodes
+    assert any("whl/cpu" in c for c in launcher["head_setup_commands"])  # CPU torch on the head
+    job = yaml.safe_load((root / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and "--address auto" in job["spec"]["entrypoint"]
+    assert "evomerge resume" in job["spec"]["entrypoint"]
