@@ -315,7 +315,9 @@ def _assert_store_matches(uri: str, run_dir: Path) -> None:
     runs = client.search_runs(exps, f"tags.`{RUN_DIR_TAG}` = '{run_dir.resolve()}'", max_results=5000)
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
     assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parents[0].info.run_id]
+    children = client.search_runs(
+        [parents[0].info.experiment_id], f"tags.`{PARENT_TAG}` = '{parents[0].info.run_id}'", max_results=5000
+    )
     by_id = {c.data.tags[CANDIDATE_TAG]: c for c in children}
     assert len(by_id) == len(children), "a candidate has two child runs"
     results = _final(run_dir)

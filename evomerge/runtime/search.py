@@ -90,6 +90,7 @@ class SearchState:
     forward_passes: int = 0
     waiting: dict[str, None] = field(default_factory=dict)  # asked, no result yet (ask order)
     pending_tell: dict[str, None] = field(default_factory=dict)  # asked, not told yet (ask order)
+    ask_due: bool = False  # replay: the last tell was not followed by its ask(1) (killed in between)
 
     def add_candidate(self, c: Candidate) -> None:
         self.candidates[c.id] = c
@@ -150,6 +151,7 @@ def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objecti
                 state.active_seconds += last_t - session_start
             session_start = ev["t"]
         elif kind == "ask":
+            state.ask_due = False
             asked = strategy.ask(ev["n"])
             recorded = [Candidate.from_json(c) for c in ev["candidates"]]
             for new, old in zip(asked, recorded, strict=True):
@@ -169,6 +171,7 @@ def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objecti
         elif kind == "tell":
             strategy.tell([to_result(state.results[cid], objectives) for cid in ev["ids"]])
             state.mark_told(ev["ids"])
+            state.ask_due = True
         elif kind == "end":
             state.ended = True
         last_t = ev.get("t", last_t)
@@ -363,6 +366,9 @@ class Search:
     def run(self) -> SearchState:
         import ray
 
+        if self.state.ask_due and self.can_ask():  # each tell is followed by one ask(1), also across a kill
+            self._ask(1)
+        self.state.ask_due = False
         # results recorded but not yet told (ordered mode, killed while an older candidate ran)
         self._after_result_all()
         if not self.state.candidates and self.can_ask():
