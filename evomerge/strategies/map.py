@@ -94,9 +94,19 @@ def resolve_link(link: str, y: np.ndarray) -> str:
     return "sigmoid" if np.all((y >= 0.0) & (y <= 1.0)) else "identity"
 
 
+def _dot(feats: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """feats @ beta accumulated column by column: elementwise IEEE arithmetic, so the result does not
+    depend on BLAS threads or memory alignment (matmul's does, and a sigmoid fit from 20 points can land
+    in another local optimum after a last-bit difference, which would break journal replay)."""
+    q = feats[:, 0] * beta[0]
+    for k in range(1, feats.shape[1]):
+        q = q + feats[:, k] * beta[k]
+    return q
+
+
 def predict(beta: np.ndarray, x: np.ndarray, link: str) -> np.ndarray:
     """phi(q(x)) for the fitted coefficients beta."""
-    return _LINK_FN[link](quadratic_features(x) @ beta)
+    return _LINK_FN[link](_dot(quadratic_features(x), np.asarray(beta, dtype=np.float64)))
 
 
 class SurrogateFitError(StrategyError):
@@ -129,11 +139,12 @@ def fit_surrogate(x: np.ndarray, y: np.ndarray, link: str) -> np.ndarray:
     fn = _LINK_FN[link]
 
     def model(f: np.ndarray, *beta: float) -> np.ndarray:
-        return fn(f @ np.asarray(beta))
+        return fn(_dot(f, np.asarray(beta)))
 
     starts = [np.ones(p)]
-    if link != "identity":
-        starts.append(np.linalg.lstsq(feats, _inverse_link(y, link), rcond=None)[0])
+    if link != "identity":  # rounded to 8 digits: lstsq's last bits depend on BLAS (see _dot)
+        start = np.linalg.lstsq(feats, _inverse_link(y, link), rcond=None)[0]
+        starts.append(np.array([float(f"{v:.8g}") for v in start]))
     best, best_sse, error = None, np.inf, ""
     for p0 in starts:
         try:
@@ -143,7 +154,7 @@ def fit_surrogate(x: np.ndarray, y: np.ndarray, link: str) -> np.ndarray:
         except (RuntimeError, ValueError) as e:
             error = str(e).strip()
             continue
-        sse = float(np.sum((fn(feats @ beta) - y) ** 2))
+        sse = math.fsum((fn(_dot(feats, beta)) - y) ** 2)
         if np.all(np.isfinite(beta)) and sse < best_sse:
             best, best_sse = beta, sse
     if best is None:
@@ -282,13 +293,13 @@ def spread_pick(y: np.ndarray, count: int) -> list[int]:
     span = y.max(axis=0) - y.min(axis=0)
     z = (y - y.min(axis=0)) / np.where(span > 0, span, 1.0)
     picked = [int(np.argmax(z.mean(axis=1)))]
-    dist = np.linalg.norm(z - z[picked[0]], axis=1)
+    dist = _norm(z - z[picked[0]])
     while len(picked) < min(count, len(y)):
         i = int(np.argmax(dist))
         if dist[i] <= 0:
             break
         picked.append(i)
-        dist = np.minimum(dist, np.linalg.norm(z - z[i], axis=1))
+        dist = np.minimum(dist, _norm(z - z[i]))
     return picked
 
 
@@ -321,14 +332,19 @@ def hypervolume_pick(y: np.ndarray, measured: np.ndarray, count: int) -> list[in
 # ----------------------------------------------------------------------------------------- bayesian MAP
 
 
+def _norm(x: np.ndarray) -> np.ndarray:
+    """Row norms by elementwise accumulation (alignment-independent, see _dot)."""
+    return np.sqrt(_dot(x * x, np.ones(x.shape[1])))
+
+
 def to_hyperspherical(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, k) -> radius (n,), angles (n, k-1); angles are in [0, pi/2] for points of the positive orthant."""
     x = np.atleast_2d(x)
-    r = np.linalg.norm(x, axis=1)
+    r = _norm(x)
     k = x.shape[1]
     angles = np.zeros((len(x), max(k - 1, 0)))
     for i in range(k - 1):
-        tail = np.linalg.norm(x[:, i:], axis=1)
+        tail = _norm(x[:, i:])
         if i < k - 2:
             angles[:, i] = np.arccos(
                 np.clip(np.divide(x[:, i], tail, out=np.ones(len(x)), where=tail > 0), -1, 1)
