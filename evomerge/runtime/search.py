@@ -284,7 +284,10 @@ class Search:
         return self.state.active_seconds + time.time() - self.session_start
 
     def can_ask(self) -> bool:
+        """Budget left, and the strategy has not declared itself done (e.g. GENOME's early stop)."""
         b, s = self.budget, self.state
+        if getattr(self.strategy, "done", False):
+            return False
         if b.candidates is not None and len(s.candidates) >= b.candidates:
             return False
         if b.forward_passes is not None and s.forward_passes >= b.forward_passes:
