@@ -213,10 +213,11 @@ def random_orthogonal(n: int, seed: int) -> np.ndarray:
 
 
 def test_registry_lists_exactly_the_methods_these_tests_cover():
+    """A new method needs formula tests: here, or its own file (evo_merging: tests/merge/test_evo_merging.py)."""
     assert set(METHODS.names()) == {
         "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
         "della", "della_linear", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher",
-        "passthrough", "tsv_m", "iso_c",
+        "passthrough", "tsv_m", "iso_c", "evo_merging",
     }  # fmt: skip
 
 
