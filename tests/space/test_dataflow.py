@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import journal_records
 
 from evomerge.errors import ConfigError
 from evomerge.space import SPACES
@@ -167,12 +168,8 @@ def _config(zoo, run_dir: Path):
 
 
 def _journal(run_dir: Path):
-    from evomerge.runtime.journal import read_journal
-
-    events = read_journal(run_dir / "journal.jsonl", repair=False)
-    asked = [c for e in events if e["event"] == "ask" for c in e["candidates"]]
-    results = {e["id"]: (e["status"], e["scores"]) for e in events if e["event"] == "result"}
-    return asked, results
+    _, asked, results = journal_records(run_dir)
+    return asked, {cid: (e["status"], e["scores"]) for cid, e in results.items()}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import journal_records
 
 from evomerge.merge.mixture import Mixture
 from evomerge.strategies import Candidate, Result, StrategyError
@@ -303,12 +304,8 @@ def _config(pool, run_dir: Path):
 
 
 def _journal(run_dir: Path):
-    from evomerge.runtime.journal import read_journal
-
-    events = read_journal(run_dir / "journal.jsonl", repair=False)
-    asked = [c for e in events if e["event"] == "ask" for c in e["candidates"]]
-    results = {e["id"]: (e["status"], e["scores"]) for e in events if e["event"] == "result"}
-    return asked, results
+    _, asked, results = journal_records(run_dir)
+    return asked, {cid: (e["status"], e["scores"]) for cid, e in results.items()}
 
 
 def test_engine_run_resumes_exactly_from_its_journal(local_ray, digits_pool, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import journal_records
 
 from evomerge.evaluate.digits import DigitsMLP, DigitsSpec, save_digits_checkpoint, train_digits_mlp
 from evomerge.merge.mixture import Mixture, Offspring
@@ -503,12 +504,7 @@ def _engine_config(halves, run_dir: Path, store: bool):
 
 
 def _journal(run_dir: Path):
-    from evomerge.runtime.journal import read_journal
-
-    events = read_journal(run_dir / "journal.jsonl", repair=False)
-    results = {e["id"]: e for e in events if e["event"] == "result"}
-    asked = [c for e in events if e["event"] == "ask" for c in e["candidates"]]
-    return events, asked, results
+    return journal_records(run_dir)
 
 
 def _comparable(run_dir: Path):
