@@ -72,5 +72,6 @@ def test_small_search_on_the_zoo_runs_to_budget(zoo, local_ray, tmp_path):
     assert len(state.results) == 6 and all(r["status"] == "ok" for r in state.results.values())
     first = next(iter(state.results.values()))
     assert set(first["scores"]) == {f"zoo_{s}_search" for s in SKILLS}
-    assert all(len(unpack_samples(v)) == 40 for v in first["samples"].values())  # the fixed subsample, per task
+    # the fixed subsample, per task
+    assert all(len(unpack_samples(v)) == 40 for v in first["samples"].values())
     assert summary["best"] is not None
