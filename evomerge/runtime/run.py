@@ -156,7 +156,8 @@ def write_results(run_dir: Path, state: SearchState, objectives: Objectives) -> 
     from evomerge.merge.mergekit_io import dump_recipe_yaml
     from evomerge.pareto import non_dominated
 
-    ok = [r for r in state.results.values() if r["status"] == "ok"]
+    # in ask order, not arrival order: the same run gives the same front.json however results raced
+    ok = [r for c in state.candidates if (r := state.results.get(c)) is not None and r["status"] == "ok"]
     counts = failure_summary(state)
     if not ok:
         summary = {"objectives": objectives.names, "front": [], "best": None, "counts": counts}
