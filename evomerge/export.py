@@ -100,7 +100,7 @@ def materialize(
     from evomerge.runtime.run import resolve_models
 
     base, _ = resolve_models(load_config(Path(run_dir) / "config.yaml"))
-    return write_model_dir(recipe, base, out, run_dir=run_dir, dtype=parse_dtype(dtype, "--dtype"),
+    return write_model_dir(recipe, base, out, dtype=parse_dtype(dtype, "--dtype"),
                            max_shard_bytes=max_shard_bytes)  # fmt: skip
 
 

@@ -173,7 +173,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
 
 
-def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *, run_dir: str | Path | None = None,
+def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:  # fmt: skip
     """Materialize a model-space recipe as a model directory beside the base's config and tokenizer, one tensor
     at a time: the base's tensors in the base's order, those of the flat layout replaced by the recipe's.
@@ -211,12 +211,13 @@ def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *, 
         else:
             t, off, n = index[name], layout.offsets[index[name]], math.prod(layout.shapes[index[name]])
             flat = torch.zeros(n, dtype=torch.float32)
+            full = [ckpt.read(name).reshape(-1).float() for ckpt in members]  # each source read once
             for (lo, hi), row in zip(recipe.segment_bounds(), recipe.coefficients):
                 a, b = max(lo, off) - off, min(hi, off + n) - off
                 if a < b:
-                    for ckpt, c in zip(members, row):
+                    for src, c in zip(full, row):
                         if c != 0.0:
-                            flat[a:b].add_(ckpt.read(name).reshape(-1)[a:b].float(), alpha=c)
+                            flat[a:b].add_(src[a:b], alpha=c)
             x = flat.view(layout.shapes[t])
         return x.to(dtype or info.dtype).contiguous()
 

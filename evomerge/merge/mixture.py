@@ -71,7 +71,7 @@ class Mixture(_Frozen):
         ends = [*self.starts[1:], self.size]
         return list(zip(self.starts, ends))
 
-    def dense(self, length: int | None = None) -> np.ndarray:
+    def dense(self) -> np.ndarray:
         """Coefficients per flat index, `[size, K]` (small models and tests only)."""
         out = np.empty((self.size, len(self.models)))
         for (lo, hi), row in zip(self.segment_bounds(), self.coefficients):
