@@ -146,6 +146,63 @@ class TrackingConfig(_Strict):
     children: Literal["all", "front"] = "all"  # "front": child runs only for front candidates (huge searches)
 
 
+class RacingConfig(_Strict):
+    """Racing over nested prefixes of each task's fixed, seeded, shuffled item order: a candidate is scored on
+    `rungs` items per task (then on all of them) and stops at a rung when it cannot beat the bar. `eta`:
+    successive halving among the reference candidates at the rung (keep the top 1/eta; null: off); `test`:
+    a paired test against the incumbent on the shared items (`wilcoxon`, optuna's WilcoxonPruner, or
+    `bernstein`, an empirical-Bernstein bound; `none`: off) at level `alpha`, corrected for the repeated looks."""
+
+    rungs: list[int] = Field(default_factory=lambda: [32, 96])
+    eta: float | None = Field(default=3.0, gt=1.0)
+    test: Literal["wilcoxon", "bernstein", "none"] = "wilcoxon"
+    alpha: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> RacingConfig:
+        if not self.rungs or any(r < 1 for r in self.rungs):
+            raise ValueError("rungs: give one or more positive item counts per task, e.g. [32, 96]")
+        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:])):
+            raise ValueError(f"rungs: must be strictly increasing (got {self.rungs})")
+        if self.eta is None and self.test == "none":
+            raise ValueError("racing needs a rule: eta (successive halving) and/or test")
+        return self
+
+
+class EstimatorConfig(_Strict):
+    """Score every candidate on one fixed subset of `items` items per task and estimate its full score from
+    the base's and sources' per-item scores on all items (computed once at the start of a run, journaled):
+    `mean` (the plain subset mean), `anchor` (k-means anchor points), `irt`, `gmp_irt` (merge-aware IRT,
+    blend weight `delta`), `merge_aware` (IRT-free predictor from the sources' per-item scores)."""
+
+    name: Literal["mean", "anchor", "irt", "gmp_irt", "merge_aware"] = "mean"
+    items: int = Field(default=20, ge=1)
+    delta: float | None = Field(default=None, ge=0.0, le=1.0)  # None: the estimator's own default
+
+
+class FidelityConfig(_Strict):
+    """How many items each candidate is scored on. Default: every item (exact scores). `racing` or `estimator`
+    (not both) cut the cost; `cache` skips a recipe already evaluated in the run; `rescore` re-scores up to that
+    many candidates of the final front (best first) on every item, so reported and exported scores are exact."""
+
+    racing: RacingConfig | None = None
+    estimator: EstimatorConfig | None = None
+    seed: int | None = None  # the item order / subset seed; default: the run's seed
+    cache: bool = True
+    rescore: int = Field(default=10, ge=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FidelityConfig:
+        if self.racing is not None and self.estimator is not None:
+            raise ValueError("give racing or estimator, not both")
+        return self
+
+    @property
+    def reduced(self) -> bool:
+        """Candidates may be scored on fewer than all items."""
+        return self.racing is not None or self.estimator is not None
+
+
 class RunConfig(_Strict):
     name: str = "search"
     models: ModelsConfig
@@ -159,6 +216,18 @@ class RunConfig(_Strict):
     output: str | None = None
     device: str = "auto"
     tracking: TrackingConfig = TrackingConfig()
+    fidelity: FidelityConfig = FidelityConfig()
+
+    @model_validator(mode="after")
+    def _reduced_fidelity_needs_items(self) -> RunConfig:
+        if self.fidelity.reduced and self.evaluator.type != "lmeval":
+            raise ValueError(
+                f"fidelity: racing and estimators score items of lm-eval tasks; the {self.evaluator.type} "
+                "evaluator has none (use evaluator.type: lmeval, or drop fidelity.racing/estimator)"
+            )
+        if self.fidelity.reduced and (self.evaluator.limit is not None):
+            raise ValueError("fidelity: racing/estimator choose the items themselves; drop evaluator.limit")
+        return self
 
     @model_validator(mode="after")
     def _gpu_reserved(self) -> RunConfig:

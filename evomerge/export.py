@@ -163,17 +163,14 @@ class RunView:
 
 
 def read_run(run_dir: Path) -> RunView:
-    from evomerge.runtime.journal import read_journal
+    from evomerge.runtime.journal import final_results, read_journal
 
     if not (run_dir / "journal.jsonl").exists():
         raise ExportError(f"{run_dir}: no journal.jsonl (not a run directory?)")
     config = load_config(run_dir / "config.yaml")
     events = read_journal(run_dir / "journal.jsonl", repair=False)
     candidates = {c["id"]: c for e in events if e["event"] == "ask" for c in e["candidates"]}
-    results: dict[str, dict[str, Any]] = {}
-    for e in events:
-        if e["event"] == "result":
-            results.setdefault(e["id"], e)
+    results = final_results(events)
     ok = [c for c, r in results.items() if r["status"] == "ok"]
     if config.objectives:
         names = [o.name for o in config.objectives]

@@ -331,6 +331,8 @@ class Record:
             self.add_ask([Candidate.from_json(c) for c in event["candidates"]], event.get("t", time.time()))
         elif kind == "result":
             self.add_result(event)
+        elif kind == "rescore":
+            self.add_rescore(event)
         elif kind == "end":
             self.ended = True
 
@@ -352,6 +354,17 @@ class Record:
             self.points.append([float(v) for v in event["objectives"]])
             if self.ref is None and len(self.ok) >= REF_SAMPLE:
                 self._choose_ref()
+
+    def add_rescore(self, event: dict[str, Any]) -> None:
+        """Full-item scores replace a candidate's estimated or partial ones (its point on the front moves)."""
+        from evomerge.runtime.journal import apply_rescore
+
+        cid = event["id"]
+        if cid not in self.results or self.results[cid]["status"] != "ok":
+            return
+        self.results[cid] = apply_rescore(self.results[cid], event)
+        self.points[self.ok.index(cid)] = [float(v) for v in event["objectives"]]
+        self._front = (-1, set())
 
     def finish(self) -> None:
         """No more results this session: fix r from what there is (fewer than REF_SAMPLE successes)."""
@@ -464,6 +477,8 @@ class Record:
             metrics.update(
                 {f"eval/{k}": float(r[k]) for k in ("seconds", "forward_passes", "attempts") if k in r}
             )
+            tags.update(fidelity_tags(r))
+            metrics.update(fidelity_metrics(r))
         elif r is not None:
             tags["error"] = str(r.get("error") or "")[:5000]
             metrics["eval/attempts"] = float(r.get("attempts", 1))
@@ -476,6 +491,26 @@ class Record:
             start_ms=int(self.asked_t.get(cid, time.time()) * 1000),
             end_ms=None if r is None else int(r.get("t", time.time()) * 1000),
         )
+
+
+def fidelity_tags(r: dict[str, Any]) -> dict[str, str]:
+    """How the child's scores were measured: `fidelity.exact` true|false, mode, rung, stopped, rescored, cached."""
+    fid = r.get("fidelity", {})
+    tags = {"fidelity.exact": str(bool(fid.get("exact", True))).lower()}
+    tags.update({f"fidelity.{k}": _fmt(fid[k]) for k in ("mode", "estimator", "rung") if k in fid})
+    tags.update({f"fidelity.{k}": "true" for k in ("stopped", "rescored", "estimated") if fid.get(k)})
+    if "cached" in r:
+        tags["fidelity.cached_from"] = str(r["cached"])
+    return tags
+
+
+def fidelity_metrics(r: dict[str, Any]) -> dict[str, float]:
+    """Items seen per task, and the search's own (estimated/partial) scores of a re-scored candidate."""
+    fid = r.get("fidelity", {})
+    out = {f"fidelity/items/{_key(t)}": float(n) for t, n in fid.get("items", {}).items()}
+    for t, v in r.get("estimate", {}).get("scores", {}).items():
+        out[f"estimate/{_key(t)}"] = float(v)
+    return out
 
 
 def _objectives(config: RunConfig, events: Sequence[dict[str, Any]]) -> list[Objective]:
@@ -1382,7 +1417,7 @@ class _Tracking:
                 record.apply(ev)
                 if ev.get("event") == "ask":
                     dirty.update(c["id"] for c in ev["candidates"])
-                elif ev.get("event") == "result":
+                elif ev.get("event") in ("result", "rescore"):
                     dirty.add(ev["id"])
             if final:
                 record.finish()

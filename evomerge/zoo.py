@@ -89,6 +89,10 @@ VOCAB = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARS))}
 EASY_LENGTHS = (2, 4)  # what the base sees of every skill
 HARD_LENGTHS = (5, 6)  # what an expert learns, and what the tasks test
 SPLIT_SIZES = {"validation": 150, "test": 250}
+# Larger held-out splits drawn from another split's bucket, disjoint from that split's rows: `search` (1,000
+# prompts per skill) gives cheap-fitness subsets room without touching which prompts count as training.
+EXTRA_SPLITS = {"search": ("validation", 1000)}
+TASK_SPLIT_SIZES = {**SPLIT_SIZES, **{split: n for split, (_, n) in EXTRA_SPLITS.items()}}
 _SPLIT_BUCKETS = {"test": 0, "validation": 1}  # bucket of a prompt (see `split_of`); the rest is training
 _N_BUCKETS = 10
 
@@ -143,20 +147,35 @@ def split_of(prompt: str) -> str:
     return next((split for split, b in _SPLIT_BUCKETS.items() if b == bucket), "train")
 
 
-def task_data(seed: int = 0, sizes: Mapping[str, int] = SPLIT_SIZES) -> dict[str, dict[str, list[dict]]]:
+def _draw(
+    skill: Skill, rng: random.Random, bucket: str, n: int, exclude: frozenset[str] = frozenset()
+) -> list[dict]:
+    """n distinct hard-length rows whose prompts fall in `bucket` and are not in `exclude`, in draw order."""
+    rows: dict[str, str] = {}
+    while len(rows) < n:
+        prompt, answer = skill.sample(rng, HARD_LENGTHS)
+        if split_of(prompt) == bucket and prompt not in exclude:
+            rows.setdefault(prompt, answer)
+    return [{"prompt": p, "answer": a} for p, a in rows.items()]
+
+
+def _split_rows(name: str, split: str, n: int, seed: int, sizes: Mapping[str, int]) -> list[dict]:
+    """One split of one skill, with its own rng stream. An extra split (`EXTRA_SPLITS`) draws from its
+    parent's bucket and skips the parent's rows (of `sizes`, else the bundled size)."""
+    rng = random.Random(f"evomerge-zoo-data/{seed}/{name}/{split}")
+    if split not in EXTRA_SPLITS:
+        return _draw(SKILLS[name], rng, split, n)
+    parent = EXTRA_SPLITS[split][0]
+    taken = _split_rows(name, parent, sizes.get(parent, SPLIT_SIZES[parent]), seed, sizes)
+    return _draw(SKILLS[name], rng, parent, n, frozenset(r["prompt"] for r in taken))
+
+
+def task_data(seed: int = 0, sizes: Mapping[str, int] = TASK_SPLIT_SIZES) -> dict[str, dict[str, list[dict]]]:
     """{skill: {split: [{"prompt", "answer"}, ...]}}: distinct hard-length prompts of each held-out split."""
-    out: dict[str, dict[str, list[dict]]] = {}
-    for name, skill in SKILLS.items():
-        out[name] = {}
-        for split, n in sizes.items():
-            rng = random.Random(f"evomerge-zoo-data/{seed}/{name}/{split}")
-            rows: dict[str, str] = {}
-            while len(rows) < n:
-                prompt, answer = skill.sample(rng, HARD_LENGTHS)
-                if split_of(prompt) == split:
-                    rows.setdefault(prompt, answer)
-            out[name][split] = [{"prompt": p, "answer": a} for p, a in rows.items()]
-    return out
+    return {
+        name: {split: _split_rows(name, split, n, seed, sizes) for split, n in sizes.items()}
+        for name in SKILLS
+    }
 
 
 def write_task_data(out_dir: str | Path, seed: int = 0) -> list[Path]:

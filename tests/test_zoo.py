@@ -19,6 +19,7 @@ from evomerge.zoo import (
     HARD_LENGTHS,
     SKILLS,
     SPLIT_SIZES,
+    TASK_SPLIT_SIZES,
     ZooSettings,
     build_zoo,
     greedy_exact_match,
@@ -97,6 +98,61 @@ def test_task_yamls_cover_every_skill_and_leave_room_for_the_longest_answer():
         for task, split in ((f"zoo_{s}", "test"), (f"zoo_{s}_search", "validation")):
             cfg = yaml.load((TASK_DIR / f"{task}.yaml").read_text(), Loader=yaml.BaseLoader)
             assert cfg["task"] == task and cfg["dataset_kwargs"] == {"skill": s, "split": split}
+
+
+def test_search_split_is_large_disjoint_and_drawn_from_the_validation_bucket():
+    assert TASK_SPLIT_SIZES == {**SPLIT_SIZES, "search": 1000}
+    for name, skill in SKILLS.items():
+        prompts = [r["prompt"] for r in _rows(name, "search")]
+        assert len(prompts) == len(set(prompts)) == 1000
+        for r in _rows(name, "search"):
+            x = r["prompt"].removeprefix(f"{name}:").removesuffix("=")
+            assert HARD_LENGTHS[0] <= len(x) <= HARD_LENGTHS[1] and skill.fn(x) == r["answer"]
+        assert all(split_of(p) == "validation" for p in prompts)  # never training, never test
+        others = {r["prompt"] for split in SPLIT_SIZES for r in _rows(name, split)}
+        assert not set(prompts) & others
+
+
+def test_search_split_is_deterministic_and_only_adds_files(tmp_path):
+    written = {p.name: p for p in write_task_data(tmp_path, seed=0)}
+    for name in SKILLS:
+        path = written[f"{name}_search.jsonl"]
+        assert path.read_bytes() == (DATA_DIR / path.name).read_bytes()
+    alone = zoo_mod.task_data(0, {"search": 1000})  # same rows without asking for the other splits
+    assert all(alone[name]["search"] == _rows(name, "search") for name in SKILLS)
+    seed1 = zoo_mod.task_data(1, TASK_SPLIT_SIZES)
+    for name in SKILLS:
+        assert not {r["prompt"] for r in seed1[name]["search"]} & {
+            r["prompt"] for r in seed1[name]["validation"]
+        }
+
+
+def test_training_samples_never_hit_search_prompts():
+    import random
+
+    search = {r["prompt"] for name in SKILLS for r in _rows(name, "search")}
+    rng = random.Random(1)
+    for skill in SKILLS.values():
+        for _ in range(3000):
+            assert zoo_mod._skill_example(rng, skill, HARD_LENGTHS)[0] not in search
+
+
+def test_search1k_tasks_read_the_search_split():
+    group = yaml.safe_load((TASK_DIR / "zoo_search1k.yaml").read_text())
+    assert group["group"] == "zoo_search1k" and group["task"] == [f"zoo_{s}_search1k" for s in SKILLS]
+    for s in SKILLS:
+        cfg = yaml.load((TASK_DIR / f"zoo_{s}_search1k.yaml").read_text(), Loader=yaml.BaseLoader)
+        assert cfg["task"] == f"zoo_{s}_search1k" and cfg["validation_split"] == "search"
+        assert cfg["dataset_kwargs"] == {"skill": s, "split": "search"}
+
+
+def test_lm_eval_builds_the_search1k_documents_in_file_order():
+    from evomerge.evaluate.lmeval import LMEvalSpec
+
+    ev = LMEvalSpec(tasks=("zoo_search1k",)).build()
+    assert ev.task_names == [f"zoo_{s}_search1k" for s in SKILLS]
+    for s, run in zip(SKILLS, ev.runs):
+        assert [doc["prompt"] for _, doc in run.docs] == [r["prompt"] for r in _rows(s, "search")]
 
 
 def test_tokenizer_round_trips_every_character(tmp_path):

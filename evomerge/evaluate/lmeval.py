@@ -9,13 +9,22 @@ the weights is cached, so a worker can overwrite the model in place between cand
 Per-sample scores are the primary metric (the task's first metric) of every document, in the task's
 document order, restricted to the fixed subsample when one is given: the same order for every candidate.
 `forward_passes` counts model requests (one generation or one log-likelihood each).
+
+Cheap fitness on item subsets: `evaluate(model, tokenizer, items={task: positions})` runs only the requests
+of the chosen documents (positions into that task's document order above, `0 <= p < task_sizes[task]`,
+distinct, at least one) and of the named tasks only. `samples[task]` then holds one score per position in
+the given order, `scores[task]` is the task's own aggregation over those documents, and `forward_passes`
+counts only what ran. Only the chosen requests are reset, filtered and scored, so consecutive calls with
+different selections never see each other's responses. `items=None` evaluates everything.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +62,13 @@ class LMEvalSpec:
 
 @dataclass
 class _TaskRun:
-    """One leaf task with its prebuilt requests."""
+    """One leaf task with its prebuilt requests; `groups[i]` holds the requests of `docs[i]` (built once, so a
+    selection of documents finds its requests without scanning the task)."""
 
     name: str
     task: Any
     docs: list[tuple[int, Any]]
-    instances: dict[int, list[Any]]
+    groups: list[list[Any]]
     metric: str
     higher_is_better: bool
     filter_keys: list[str] = field(default_factory=list)
@@ -146,6 +156,11 @@ class LMEvalEvaluator:
     def task_names(self) -> list[str]:
         return [r.name for r in self.runs]
 
+    @property
+    def task_sizes(self) -> dict[str, int]:
+        """Documents per task in task order (after limit/subsample): the range of `evaluate`'s positions."""
+        return {r.name: len(r.docs) for r in self.runs}
+
     def _prepare(self, name: str, task: Any) -> _TaskRun:
         if self.spec.num_fewshot is not None:
             task.set_config(key="num_fewshot", value=self.spec.num_fewshot)
@@ -168,7 +183,8 @@ class LMEvalEvaluator:
         docs = list(task.doc_iterator(rank=0, limit=limit, world_size=1, samples=samples))
         _memoize_targets(task, [doc for _, doc in docs])
         metric, hib = _primary_metric(task)
-        return _TaskRun(name, task, docs, dict(instances), metric, hib)
+        groups = [instances.get(doc_id, []) for doc_id, _ in docs]
+        return _TaskRun(name, task, docs, groups, metric, hib)
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         """lm-eval's HFLM around the resident model, made once per (model, tokenizer) object pair."""
@@ -190,36 +206,83 @@ class LMEvalEvaluator:
         self._lm_key = key
         return self._lm
 
-    def evaluate(self, model: Any, tokenizer: Any = None) -> Evaluation:
+    def evaluate(
+        self, model: Any, tokenizer: Any = None, items: Mapping[str, Sequence[int]] | None = None
+    ) -> Evaluation:
+        """Score the model as it is now, on every document or only on `items` (see the module docstring)."""
         start = time.perf_counter()
+        selection = self._select(items)
         lm = self._wrap(model, tokenizer)
-        by_type: dict[str, list[Any]] = defaultdict(list)
-        for run in self.runs:
-            for inst in run.task.instances:
-                inst.resps = []
-                inst.filtered_resps = {}
-                by_type[inst.request_type].append(inst)
-        passes = 0
-        for request_type, instances in by_type.items():
-            cloned = [inst for inst in instances for _ in range(inst.repeats)]
-            responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
-            for inst, resp in zip(cloned, responses, strict=True):
-                inst.resps.append(resp)
-            passes += len(cloned)
+        passes = _run_requests(lm, [instances for _, _, instances in selection])
         scores: dict[str, float] = {}
         samples: dict[str, np.ndarray] = {}
-        for run in self.runs:
-            run.task.apply_filters()
-            key = next(iter(run.task.instances[0].filtered_resps))
-            values = []
-            for doc_id, doc in run.docs:
-                group = run.instances[doc_id]
-                metrics = run.task.process_results(doc, [inst.filtered_resps[key] for inst in group])
-                values.append(metrics[run.metric])
-            per_sample = np.asarray(values, dtype=np.float64)
-            samples[run.name] = per_sample
-            scores[run.name] = float(run.task.aggregation()[run.metric](values))
+        for run, positions, instances in selection:
+            samples[run.name], scores[run.name] = _score(run, positions, instances)
         device = str(getattr(model, "device", self.spec.device))
         return Evaluation(
             scores, samples, forward_passes=passes, seconds=time.perf_counter() - start, device=device
         )
+
+    def _select(
+        self, items: Mapping[str, Sequence[int]] | None
+    ) -> list[tuple[_TaskRun, list[int], list[Any]]]:
+        """(run, document positions, their requests) per task to evaluate, in task order."""
+        if items is None:
+            return [(run, list(range(len(run.docs))), run.task.instances) for run in self.runs]
+        unknown = sorted(set(items) - set(self.task_names))
+        if unknown:
+            raise EvaluationError(f"items name unknown tasks {unknown}; tasks are {self.task_names}")
+        chosen = []
+        for run in self.runs:
+            if run.name in items:
+                positions = _positions(run.name, items[run.name], len(run.docs))
+                chosen.append((run, positions, [inst for p in positions for inst in run.groups[p]]))
+        return chosen
+
+
+def _positions(task: str, given: Sequence[int], n_docs: int) -> list[int]:
+    """`given` as a list of ints, checked: non-empty, distinct, each in [0, n_docs)."""
+    try:
+        positions = [operator.index(p) for p in given]
+    except TypeError:
+        raise EvaluationError(f"task {task}: item positions must be integers") from None
+    if not positions:
+        raise EvaluationError(f"task {task}: empty item selection (leave the task out of items instead)")
+    bad = [p for p in positions if not 0 <= p < n_docs]
+    if bad:
+        raise EvaluationError(f"task {task}: item positions {bad[:5]} out of range 0..{n_docs - 1}")
+    if len(set(positions)) != len(positions):
+        dup = sorted({p for p in positions if positions.count(p) > 1})
+        raise EvaluationError(f"task {task}: duplicated item positions {dup[:5]}")
+    return positions
+
+
+def _run_requests(lm: Any, per_task: list[list[Any]]) -> int:
+    """Reset the given requests, run them batched by request type; returns the forward passes run."""
+    by_type: dict[str, list[Any]] = defaultdict(list)
+    for instances in per_task:
+        for inst in instances:
+            inst.resps = []
+            inst.filtered_resps = {}
+            by_type[inst.request_type].append(inst)
+    passes = 0
+    for request_type, instances in by_type.items():
+        cloned = [inst for inst in instances for _ in range(inst.repeats)]
+        responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
+        for inst, resp in zip(cloned, responses, strict=True):
+            inst.resps.append(resp)
+        passes += len(cloned)
+    return passes
+
+
+def _score(run: _TaskRun, positions: list[int], instances: list[Any]) -> tuple[np.ndarray, float]:
+    """Per-document scores at `positions` (in that order) and their aggregate. Filters run on `instances`
+    only (lm-eval's `apply_filters` would walk every request of the task, stale ones included)."""
+    for ensemble in getattr(run.task, "_filters", ()):
+        ensemble.apply(instances)
+    key = next(iter(instances[0].filtered_resps))
+    values = []
+    for p in positions:
+        results = [inst.filtered_resps[key] for inst in run.groups[p]]
+        values.append(run.task.process_results(run.docs[p][1], results)[run.metric])
+    return np.asarray(values, dtype=np.float64), float(run.task.aggregation()[run.metric](values))

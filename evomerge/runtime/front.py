@@ -9,8 +9,9 @@ import numpy as np
 
 from evomerge.config import load_config
 from evomerge.errors import ConfigError
+from evomerge.fidelity.plan import is_exact
 from evomerge.pareto import non_dominated
-from evomerge.runtime.journal import read_journal
+from evomerge.runtime.journal import final_results, read_journal
 
 
 def front_from_journal(run_dir: Path) -> dict[str, Any]:
@@ -19,14 +20,20 @@ def front_from_journal(run_dir: Path) -> dict[str, Any]:
     config = load_config(run_dir / "config.yaml")
     events = read_journal(run_dir / "journal.jsonl", repair=False)
     recipes = {c["id"]: c["recipe"] for e in events if e["event"] == "ask" for c in e["candidates"]}
-    ok = [e for e in events if e["event"] == "result" and e["status"] == "ok"]
+    ok = [e for e in final_results(events).values() if e["status"] == "ok"]
     if not ok:
         return {"objectives": [], "front": [], "best": None}
     names = [o.name for o in config.objectives] if config.objectives else list(ok[0]["scores"])
     weights = np.array([o.weight for o in config.objectives]) if config.objectives else np.ones(len(names))
     points = np.array([e["objectives"] for e in ok])
     rows = [
-        {"id": e["id"], "scores": e["scores"], "objectives": e["objectives"], "recipe": recipes[e["id"]]}
+        {
+            "id": e["id"],
+            "scores": e["scores"],
+            "objectives": e["objectives"],
+            "recipe": recipes[e["id"]],
+            "exact": is_exact(e),
+        }
         for e in ok
     ]
     front = [rows[i] for i in np.flatnonzero(non_dominated(points))]

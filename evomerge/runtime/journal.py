@@ -5,6 +5,9 @@ One line per event, flushed and fsynced before the driver acts on it:
 - `ask`: the strategy was asked for n candidates (the candidates, with genomes and recipes);
 - `result`: a candidate's final result (scores, objectives, per-sample scores, status, attempts);
 - `tell`: the strategy was told these ids, in this order;
+- `fidelity` (reduced-fidelity runs): item counts per task, the sources' per-item scores for estimators;
+- `rung` (racing): a candidate's scores on one slice of items and the decision (promote / stop / done);
+- `rescore`: a candidate's scores on every item after the search (the winner's-curse guard);
 - `end`: the budget was reached.
 
 A driver killed mid-write leaves a torn last line: `read` drops it (with a warning) and truncates the file
@@ -82,3 +85,22 @@ def read_journal(path: str | Path, *, repair: bool = True) -> list[dict[str, Any
                 f"{path}: line {i + 1} is not valid JSON (the journal was modified or corrupted)"
             ) from None
     return events
+
+
+def apply_rescore(result: dict[str, Any], rescore: dict[str, Any]) -> dict[str, Any]:
+    """The result as reported after the winner's-curse guard: full-item scores, the search's own in `estimate`."""
+    fidelity = {**result.get("fidelity", {}), "exact": True, "rescored": True}
+    estimate = {"scores": result["scores"], "objectives": result["objectives"]}
+    return {**result, "scores": rescore["scores"], "objectives": rescore["objectives"], "fidelity": fidelity,
+            "estimate": estimate}  # fmt: skip
+
+
+def final_results(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each candidate's result as reported: its first `result` event, with a later `rescore` applied."""
+    results: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e["event"] == "result":
+            results.setdefault(e["id"], e)
+        elif e["event"] == "rescore" and e["id"] in results:
+            results[e["id"]] = apply_rescore(results[e["id"]], e)
+    return results

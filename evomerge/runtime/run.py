@@ -23,6 +23,7 @@ import yaml
 import evomerge
 from evomerge.config import Objective, RunConfig, load_config
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.fidelity.plan import is_exact
 from evomerge.merge.recipe import Recipe
 from evomerge.runtime.journal import Journal, read_journal
 from evomerge.runtime.search import (
@@ -33,7 +34,9 @@ from evomerge.runtime.search import (
     Search,
     SearchState,
     WorkerPool,
+    WorkerStartError,
     failure_summary,
+    init_error,
     replay,
 )
 
@@ -123,6 +126,69 @@ def build_strategy(
                budget=config.budget.candidates, **options)  # fmt: skip
 
 
+def check_fidelity(config: RunConfig, strategy: Any) -> None:
+    """Refuse, before anything starts, a strategy that needs every candidate's per-item scores on all items."""
+    if config.fidelity.reduced and getattr(strategy, "needs_all_items", False):
+        raise ConfigError(
+            f"strategy {config.strategy.name}: {strategy.needs_all_items}; it cannot use fidelity.racing or "
+            "fidelity.estimator (drop them)"
+        )
+
+
+def fidelity_event(config: RunConfig, pool: WorkerPool, models: list[str]) -> dict[str, Any]:
+    """The run's item counts per task and, for an estimator, the base's and sources' per-item scores on every
+    item (computed once, on the workers, in parallel; journaled so that resume and the estimates replay)."""
+    import ray
+
+    actors = pool.actors
+    try:
+        sizes = ray.get(actors[0].task_sizes.remote())
+    except ray.exceptions.RayActorError as e:
+        raise WorkerStartError(f"search worker could not start: {init_error(e)}") from None
+    event: dict[str, Any] = {"event": "fidelity", "t": time.time(), "sizes": sizes, "forward_passes": 0}
+    est = config.fidelity.estimator
+    if est is not None:  # `mean` needs no reference rows: only the task sizes
+        small = {t: n for t, n in sizes.items() if n < est.items}
+        if small:
+            task, n = next(iter(small.items()))
+            raise ConfigError(
+                f"fidelity.estimator.items: {est.items} items is more than task {task} has ({n})"
+            )
+        if est.name == "mean":
+            return event
+        refs = list(dict.fromkeys(models))
+        answers = ray.get([actors[i % len(actors)].evaluate_model.remote(r) for i, r in enumerate(refs)])
+        event["reference"] = {r: a["samples"] for r, a in zip(refs, answers)}
+        event["forward_passes"] = sum(int(a["forward_passes"]) for a in answers)
+    return event
+
+
+def build_plan(config: RunConfig, objectives: Objectives, strategy: Any, event: dict[str, Any] | None) -> Any:
+    """The fidelity plan of the run (`evomerge.fidelity.plan`), from its journaled `fidelity` event."""
+    from evomerge.evaluate.base import unpack_samples
+    from evomerge.fidelity.plan import EstimatePlan, ExactPlan, ObjectiveMap, RacingPlan
+
+    fid = config.fidelity
+    if not fid.reduced:
+        return ExactPlan()
+    assert event is not None
+    sizes = event["sizes"]
+    unknown = [n for n in objectives.names if n not in sizes]
+    if unknown:
+        raise ConfigError(f"objective {unknown[0]!r} is not a task of the evaluator ({', '.join(sizes)})")
+    seed = config.seed if fid.seed is None else fid.seed
+    if fid.racing is not None:
+        r = fid.racing
+        omap = ObjectiveMap(objectives.names, objectives.signs, objectives.weights, strategy.multi_objective)
+        return RacingPlan(sizes, omap, rungs=r.rungs, eta=r.eta, test=r.test, alpha=r.alpha, seed=seed)
+    est = fid.estimator
+    assert est is not None
+    reference = event.get("reference", {})  # none for `mean`: a placeholder row gives the task size
+    matrices = {t: np.stack([unpack_samples(reference[m][t]) for m in reference]) if reference
+                else np.zeros((1, n)) for t, n in sizes.items()}  # fmt: skip
+    return EstimatePlan(matrices, name=est.name, items=est.items, delta=est.delta, seed=seed)
+
+
 def init_ray(address: str | None, config: RunConfig) -> bool:
     """Connect to `address` or start a local Ray; returns True when this call started it."""
     import ray
@@ -170,8 +236,10 @@ def write_results(run_dir: Path, state: SearchState, objectives: Objectives) -> 
     best = max(ok, key=lambda r: float(np.dot(objectives.weights, r["objectives"])))
 
     def row(r: dict[str, Any]) -> dict[str, Any]:
-        return {"id": r["id"], "scores": r["scores"], "objectives": r["objectives"],
-                "recipe": state.candidates[r["id"]].recipe.to_dict()}  # fmt: skip
+        out = {"id": r["id"], "scores": r["scores"], "objectives": r["objectives"], "exact": is_exact(r),
+               "recipe": state.candidates[r["id"]].recipe.to_dict()}  # fmt: skip
+        out.update({k: r[k] for k in ("fidelity", "estimate") if k in r})
+        return out
 
     summary = {"objectives": objectives.names, "front": [row(r) for r in front], "best": row(best),
                "counts": counts}  # fmt: skip
@@ -202,10 +270,21 @@ def execute(
     objectives = Objectives(objectives_of(config))
     space = build_space(config, base, sources)
     strategy = build_strategy(config, space, objectives.items, run_dir)
+    check_fidelity(config, strategy)
     events = read_journal(run_dir / "journal.jsonl")
     if events and not resume:
         raise ConfigError(f"{run_dir}: already holds a run; use `evomerge resume {run_dir}`")
-    state = replay(events, strategy, objectives)
+    fid_event = next((e for e in events if e["event"] == "fidelity"), None)
+    if config.fidelity.reduced and fid_event is None and any(e["event"] == "ask" for e in events):
+        raise ConfigError(
+            f"{run_dir}: the journal has candidates but no fidelity record (was the config edited?)"
+        )
+    plan = (
+        build_plan(config, objectives, strategy, fid_event)
+        if fid_event or not config.fidelity.reduced
+        else None
+    )
+    state = replay(events, strategy, objectives, plan)
     started = init_ray(address, config)
     pool = WorkerPool(backend_spec(config, base, sources), count=config.workers.count,
                       num_cpus=config.workers.num_cpus, num_gpus=config.workers.num_gpus,
@@ -222,10 +301,16 @@ def execute(
         with Journal(run_dir / "journal.jsonl") as journal:
             journal.append({"event": "resume" if events else "start", "t": time.time(), "seed": config.seed,
                             "config_hash": config.content_hash(), "version": evomerge.__version__})  # fmt: skip
+            if plan is None:  # a fresh run scored on fewer items: task sizes (and reference rows) first
+                fid_event = fidelity_event(config, pool, [base, *sources])
+                journal.append(fid_event)
+                state.forward_passes += int(fid_event["forward_passes"])
+                plan = build_plan(config, objectives, strategy, fid_event)
             search = Search(strategy, objectives, journal, pool, state, budget,
                             scheduling=config.workers.scheduling, max_retries=config.workers.max_retries,
-                            timeout=config.workers.timeout_seconds,
-                            on_progress=on_progress, observers=observers)  # fmt: skip
+                            timeout=config.workers.timeout_seconds, on_progress=on_progress,
+                            observers=observers, plan=plan, cache=config.fidelity.cache,
+                            rescore=config.fidelity.rescore if config.fidelity.reduced else 0)  # fmt: skip
             state = search.run()
     finally:
         pool.shutdown()

@@ -34,7 +34,8 @@ from evomerge.config import Objective
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import unpack_samples
 from evomerge.faults import fault_point
-from evomerge.runtime.journal import Journal
+from evomerge.fidelity.plan import ExactPlan, is_exact
+from evomerge.runtime.journal import Journal, apply_rescore
 from evomerge.strategies.base import Candidate, Result, Strategy
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def failure_summary(state: SearchState) -> dict[str, Any]:
             "failed_by_reason": reasons, "retried": retried, "retries": retries}  # fmt: skip
 
 
-def _init_error(e: Exception) -> str:
+def init_error(e: Exception) -> str:
     """The exception line(s) of a worker constructor's traceback, as Ray reports it."""
     lines = str(e).splitlines()
     for i, line in enumerate(lines):
@@ -91,9 +92,12 @@ class SearchState:
     waiting: dict[str, None] = field(default_factory=dict)  # asked, no result yet (ask order)
     pending_tell: dict[str, None] = field(default_factory=dict)  # asked, not told yet (ask order)
     ask_due: bool = False  # replay: the last tell was not followed by its ask(1) (killed in between)
+    told_before: dict[str, int] = field(default_factory=dict)  # candidates told when it was asked (racing)
+    rescored: dict[str, None] = field(default_factory=dict)  # re-scored on every item after the search
 
     def add_candidate(self, c: Candidate) -> None:
         self.candidates[c.id] = c
+        self.told_before[c.id] = len(self.told)
         self.waiting[c.id] = None
         self.pending_tell[c.id] = None
 
@@ -104,6 +108,13 @@ class SearchState:
         )
         self.results[event["id"]] = event
         self.waiting.pop(event["id"], None)
+
+    def add_rescore(self, event: dict[str, Any]) -> None:
+        """A candidate's scores on every item replace its (estimated or partial) search scores; these stay in
+        `estimate`."""
+        self.results[event["id"]] = apply_rescore(self.results[event["id"]], event)
+        self.rescored[event["id"]] = None
+        self.forward_passes += int(event.get("forward_passes", 0))
 
     def mark_told(self, ids: list[str]) -> None:
         self.told.extend(ids)
@@ -140,8 +151,10 @@ def to_result(event: dict[str, Any], objectives: Objectives) -> Result:
     return Result(event["id"], np.asarray(event["objectives"], dtype=np.float64), samples=row)
 
 
-def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objectives) -> SearchState:
-    """Rebuild the strategy's state and the driver's bookkeeping from journal events."""
+def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objectives,
+           plan: Any = None) -> SearchState:  # fmt: skip
+    """Rebuild the strategy's state, the fidelity plan's and the driver's bookkeeping from journal events."""
+    plan = plan or ExactPlan()
     state = SearchState()
     session_start = last_t = None
     for ev in events:
@@ -166,12 +179,22 @@ def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objecti
                         "(was the config, seed or evomerge version changed?)"
                     )
                 state.add_candidate(old)
+                plan.on_ask(old.id, state.told_before[old.id])
+        elif kind == "rung":
+            plan.replay_rung(ev)
         elif kind == "result":
             state.add_result(ev)
+            plan.on_result(ev)
         elif kind == "tell":
             strategy.tell([to_result(state.results[cid], objectives) for cid in ev["ids"]])
             state.mark_told(ev["ids"])
+            for cid in ev["ids"]:
+                plan.on_tell(cid)
             state.ask_due = True
+        elif kind == "rescore":
+            state.add_rescore(ev)
+        elif kind == "fidelity":
+            state.forward_passes += int(ev.get("forward_passes", 0))
         elif kind == "end":
             state.ended = True
         last_t = ev.get("t", last_t)
@@ -207,6 +230,21 @@ class WorkerPool:
             ray.kill(a, no_restart=True)
 
 
+def rescore_targets(state: SearchState, weights: np.ndarray) -> list[str]:
+    """Candidates whose reported scores are not exact among the best (by the weighted objective) and the Pareto
+    front of the current scores, best first."""
+    from evomerge.pareto import non_dominated
+
+    ok = [c for c in state.candidates if (r := state.results.get(c)) is not None and r["status"] == "ok"]
+    if not ok:
+        return []
+    points = np.array([state.results[c]["objectives"] for c in ok], dtype=np.float64)
+    on_front = non_dominated(points)
+    order = np.argsort(-(points @ weights), kind="stable")
+    picks = [ok[i] for i in order if on_front[i] or i == order[0]]
+    return [c for c in picks if not is_exact(state.results[c])]
+
+
 class Observer:
     """Hooks the search calls after each journal write (tracking, live plots). Implementations must return
     quickly (queue the work) and must not raise: the journal, not an observer, is the record of the run."""
@@ -214,6 +252,8 @@ class Observer:
     def on_ask(self, candidates: list[Candidate]) -> None: ...
 
     def on_result(self, event: dict[str, Any], candidate: Candidate) -> None: ...
+
+    def on_rescore(self, event: dict[str, Any]) -> None: ...
 
     def on_end(self, state: SearchState) -> None: ...
 
@@ -266,9 +306,19 @@ class Search:
         timeout: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         observers: list[Observer] | None = None,
+        plan: Any = None,
+        cache: bool = True,
+        rescore: int = 0,
     ) -> None:
         self.strategy, self.objectives, self.journal, self.pool = strategy, objectives, journal, pool
+        self.plan = plan or ExactPlan()
+        self.cache, self.rescore_limit = cache, rescore
         self.state, self.budget, self.scheduling, self.max_retries = state, budget, scheduling, max_retries
+        self._keys: dict[str, str] = {}
+        self.evaluated: dict[str, str] = {}  # recipe hash -> id of its successful result (the cache)
+        for cid, r in state.results.items():
+            if r["status"] == "ok" and "cached" not in r:
+                self.evaluated.setdefault(self.recipe_key(cid), cid)
         self.timeout = timeout
         self.deadlines: dict[
             Any, float
@@ -306,12 +356,38 @@ class Search:
         )
         for c in batch:
             self.state.add_candidate(c)
+            self.plan.on_ask(c.id, self.state.told_before[c.id])
         self._notify("on_ask", batch)
 
     def _tell(self, ids: list[str]) -> None:
         self.strategy.tell([to_result(self.state.results[i], self.objectives) for i in ids])
         self.journal.append({"event": "tell", "t": time.time(), "ids": ids})
         self.state.mark_told(ids)
+        for cid in ids:
+            self.plan.on_tell(cid)
+
+    def recipe_key(self, cid: str) -> str:
+        """Content hash of a candidate's recipe: equal recipes are one evaluation (the cache)."""
+        if cid not in self._keys:
+            import hashlib
+            import json
+
+            text = json.dumps(
+                self.state.candidates[cid].recipe.to_dict(), sort_keys=True, separators=(",", ":")
+            )
+            self._keys[cid] = hashlib.sha256(text.encode()).hexdigest()
+        return self._keys[cid]
+
+    def _from_cache(self, cid: str) -> bool:
+        """Record a copy of an earlier evaluation of the same recipe (elitism, duplicate asks): no forward pass."""
+        twin = self.evaluated.get(self.recipe_key(cid)) if self.cache else None
+        if twin is None:
+            return False
+        keep = ("scores", "objectives", "samples", "fidelity", "subset_scores")
+        payload = {k: v for k, v in self.state.results[twin].items() if k in keep}
+        self._record(cid, {**payload, "forward_passes": 0, "seconds": 0.0, "pid": None, "cached": twin}, None)
+        self._after_result(cid)
+        return True
 
     def _record(
         self, cid: str, payload: dict[str, Any] | None, error: str | None, reason: str = "error"
@@ -336,8 +412,12 @@ class Search:
             event.update(status="ok", scores=payload["scores"], objectives=objectives.tolist(),
                          samples=payload["samples"], forward_passes=payload["forward_passes"],
                          seconds=payload["seconds"], pid=payload["pid"], node=payload.get("node"))  # fmt: skip
+            event.update({k: payload[k] for k in ("fidelity", "subset_scores", "cached") if k in payload})
+            if "cached" not in payload:
+                self.evaluated.setdefault(self.recipe_key(cid), cid)
         self.journal.append(event)
         self.state.add_result(event)
+        self.plan.on_result(event)
         self._notify("on_result", event, self.state.candidates[cid])
 
     def _after_result(self, cid: str) -> None:
@@ -384,15 +464,20 @@ class Search:
         }
         while True:
             running = {cid for cid, _ in in_flight.values() if cid is not None}
-            for cid in [c for c in self.state.waiting if c not in running][: len(idle)]:
+            busy = {self.recipe_key(c) for c in running} if self.cache else set()
+            for cid in [c for c in self.state.waiting if c not in running]:
+                if self._from_cache(cid):
+                    continue
+                if not idle:
+                    break
+                if self.cache and self.recipe_key(cid) in busy:  # its twin is running: wait for that result
+                    continue
                 w = idle.pop(0)
                 self.attempts[cid] = self.attempts.get(cid, 0) + 1
-                recipe = self.state.candidates[cid].recipe.to_dict()
-                ref = self.pool.actors[w].evaluate.remote(cid, recipe)
-                in_flight[ref] = (cid, w)
-                if self.timeout is not None:
-                    self.deadlines[ref] = time.monotonic() + self.timeout
+                self._dispatch(in_flight, cid, w, self.plan.first(cid))
                 running.add(cid)
+                if self.cache:
+                    busy.add(self.recipe_key(cid))
             if self.on_progress and time.monotonic() >= self._next_progress:  # the front costs O(n log n)
                 self._next_progress = time.monotonic() + PROGRESS_EVERY
                 self.on_progress(self.progress(len(running)))
@@ -408,10 +493,46 @@ class Search:
         if self.on_progress:
             self.on_progress(self.progress(0))
         if not self.can_ask() and not self.state.ended:
+            self.rescore_front(ray)
             self.journal.append({"event": "end", "t": time.time(), "candidates": len(self.state.results)})
             self.state.ended = True
         self._notify("on_end", self.state)
         return self.state
+
+    def rescore_front(self, ray: Any) -> None:
+        """Winner's-curse guard: the search optimized estimated or partial scores, so the best candidate and the
+        front are re-scored on every item (at most `rescore` candidates, best first, in waves until the best and
+        the front of the updated scores are exact). Journaled as `rescore` events; resume never redoes one."""
+        tried: set[str] = set(self.state.rescored)
+        while len(tried) < self.rescore_limit:
+            todo = [c for c in rescore_targets(self.state, self.objectives.weights) if c not in tried]
+            todo = todo[: self.rescore_limit - len(tried)]
+            if not todo:
+                return
+            actors = self.pool.actors
+            refs = [actors[i % len(actors)].evaluate.remote(cid, self.state.candidates[cid].recipe.to_dict(), None)
+                    for i, cid in enumerate(todo)]  # fmt: skip
+            for cid, ref in zip(todo, refs):
+                tried.add(cid)
+                try:
+                    payload = ray.get(ref)
+                    objectives = self.objectives.vector(payload["scores"])
+                except (ray.exceptions.RayError, EvomergeError) as e:
+                    log.warning("re-scoring %s on every item failed: %s", cid, e)
+                    continue
+                event = {"event": "rescore", "t": time.time(), "id": cid, "scores": payload["scores"],
+                         "objectives": objectives.tolist(), "forward_passes": payload["forward_passes"],
+                         "seconds": payload["seconds"]}  # fmt: skip
+                self.journal.append(event)
+                self.state.add_rescore(event)
+                self._notify("on_rescore", event)
+
+    def _dispatch(self, in_flight: dict[Any, tuple[str | None, int]], cid: str, w: int, items: Any) -> None:
+        recipe = self.state.candidates[cid].recipe.to_dict()
+        ref = self.pool.actors[w].evaluate.remote(cid, recipe, items)
+        in_flight[ref] = (cid, w)
+        if self.timeout is not None:
+            self.deadlines[ref] = time.monotonic() + self.timeout
 
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:
@@ -434,7 +555,7 @@ class Search:
                 payload = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the worker process died or is restarting
                 if getattr(e, "actor_init_failed", False):
-                    raise WorkerStartError(f"search worker could not start: {_init_error(e)}") from None
+                    raise WorkerStartError(f"search worker could not start: {init_error(e)}") from None
                 time.sleep(0.2)
                 in_flight[self.pool.actors[w].pid.remote()] = (None, w)  # idle again once it answers
                 if cid is None:
@@ -455,10 +576,20 @@ class Search:
                 self._record(cid, None, message)
                 self._after_result(cid)
                 continue
+            if cid is None:
+                idle.append(w)
+                continue
+            step = self.plan.advance(cid, payload)
+            if step.rung is not None:
+                self.journal.append({**step.rung, "t": time.time()})
+            if (
+                step.items is not None
+            ):  # promoted: the same worker scores the next slice of the resident model
+                self._dispatch(in_flight, cid, w, step.items)
+                continue
             idle.append(w)
-            if cid is not None:
-                self._record(cid, payload, None)
-                self._after_result(cid)
+            self._record(cid, step.final, None)
+            self._after_result(cid)
         self._expire(ray, in_flight)
 
     def _expire(self, ray: Any, in_flight: dict[Any, tuple[str | None, int]]) -> None:

@@ -94,6 +94,11 @@ class MergeBackend:
         self.evaluator = spec.evaluator.build()
         self._members: dict[str, dict[str, Any]] = {}
         self._stacked: dict[int, Any] = {}  # decoder depth -> target model, for layer-stacking recipes
+        self._resident: tuple[str, Any] | None = None  # (candidate id, model) merged last, for promotions
+
+    @property
+    def task_sizes(self) -> dict[str, int]:
+        return self.evaluator.task_sizes
 
     def read(self, ref: str, name: str) -> Any:
         """A tensor of a pool model, or of a stored member (model-space offspring) read from disk; the last
@@ -109,7 +114,35 @@ class MergeBackend:
                 self._members.pop(next(iter(self._members)))
         return self._members[ref][name]
 
-    def evaluate(self, recipe: AnyRecipe) -> Evaluation:
+    def evaluate(self, recipe: AnyRecipe, items: Any = None, key: str | None = None) -> Evaluation:
+        """Merge `recipe` (unless candidate `key` is still the resident model: a racing promotion scores the next
+        slice of items without merging again) and evaluate `items` (None: all)."""
+        if key is not None and self._resident is not None and self._resident[0] == key:
+            return self._run(self._resident[1], items)
+        self._resident = None
+        model = self.merge(recipe)
+        self._resident = (key, model) if key is not None else None
+        return self._run(model, items)
+
+    def _run(self, model: Any, items: Any) -> Evaluation:
+        if items is None:  # every evaluator; only item-aware ones (lm-eval) take a selection
+            return self.evaluator.evaluate(model, self.tokenizer)
+        return self.evaluator.evaluate(model, self.tokenizer, items=items)
+
+    def evaluate_model(self, ref: str) -> Evaluation:
+        """One pool model as it is (the base or a source) on every item: the reference rows estimators use."""
+        from evomerge.merge.engine import apply_in_place
+        from evomerge.merge.mergekit_io import recipe_from_dict
+
+        self._resident = None
+        recipe = recipe_from_dict(
+            {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+        )
+        apply_in_place(recipe, self.pool, self.model)
+        return self.evaluator.evaluate(self.model, self.tokenizer)
+
+    def merge(self, recipe: AnyRecipe) -> Any:
+        """Write the candidate into its target model (in place) and return that model."""
         import torch
 
         from evomerge.merge import members
@@ -131,8 +164,8 @@ class MergeBackend:
         else:
             model = self.stacked_target(recipe)
             apply_in_place(recipe, self.pool, model)
-            return self.evaluator.evaluate(model, self.tokenizer)
-        return self.evaluator.evaluate(self.model, self.tokenizer)
+            return model
+        return self.model
 
     def stacked_target(self, recipe: AnyRecipe) -> Any:
         """The model a mergekit recipe merges into: the resident target, or, for a layer-stacking recipe
@@ -185,7 +218,9 @@ class FunctionBackend:
     def __init__(self, fn: Any, kwargs: dict[str, Any]) -> None:
         self.fn, self.kwargs = fn, kwargs
 
-    def evaluate(self, recipe: AnyRecipe) -> Evaluation:
+    def evaluate(self, recipe: AnyRecipe, items: Any = None, key: str | None = None) -> Evaluation:
+        if items is not None:
+            raise EvaluationError("a function objective has no items to select (fidelity needs lm-eval)")
         start = time.perf_counter()
         out = self.fn(recipe, **self.kwargs)
         if not isinstance(out, dict):
@@ -206,9 +241,21 @@ class Worker:
         torch.set_num_threads(torch_threads)
         self.backend = backend.build()
 
-    def evaluate(self, candidate_id: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, candidate_id: str, recipe: dict[str, Any], items: Any = None) -> dict[str, Any]:
         start = time.perf_counter()
-        ev = self.backend.evaluate(candidate_recipe(recipe))
+        if items is None:
+            ev = self.backend.evaluate(candidate_recipe(recipe))
+        else:
+            ev = self.backend.evaluate(candidate_recipe(recipe), items=items, key=candidate_id)
+        return self._payload(candidate_id, ev, start)
+
+    def evaluate_model(self, ref: str) -> dict[str, Any]:
+        return self._payload(ref, self.backend.evaluate_model(ref), time.perf_counter())
+
+    def task_sizes(self) -> dict[str, int]:
+        return self.backend.task_sizes
+
+    def _payload(self, candidate_id: str, ev: Evaluation, start: float) -> dict[str, Any]:
         return {
             "id": candidate_id,
             "scores": ev.scores,

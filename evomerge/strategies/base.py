@@ -10,6 +10,12 @@ Rules the base class enforces (nevergrad/optuna style bookkeeping): ids are uniq
 strategy; telling an unknown id is an error; telling an id twice is a logged no-op; a failed or non-finite
 result is mapped once, here, to `failed`. Objectives are always maximized (negate losses before telling).
 
+Reduced fidelity (`fidelity.racing` / `fidelity.estimator` in the run YAML): a strategy is told what the
+evaluation produced. Under racing a stopped candidate is told its mean on the items it saw (its rung's prefix);
+under an estimator every candidate is told its estimated full score. Vector strategies (cma, ngopt, nsga2,
+nsga3, tpe, random, map, genome) treat these values as noisy fitness like any other; m2n2 sets
+`needs_all_items` and the run refuses fidelity settings for it.
+
 Determinism: a strategy is a pure function of (seed, the sequence of ask(n)/tell(ids) calls, the told
 values). Resume relies on this: replaying the journal's calls in order rebuilds the exact state, and the
 replayed asks must return the same genomes (the runtime checks it). Concurrency is the scheduler's job.
@@ -88,6 +94,9 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = False  # False: told the weighted sum of objectives
+    # Why the strategy needs every candidate's per-item scores on all items (so refuses racing and estimators);
+    # empty: it takes what fidelity gives it (see the module docstring).
+    needs_all_items: ClassVar[str] = ""
 
     def __init__(self, space: Space, *, n_objectives: int = 1, seed: int = 0,
                  weights: Sequence[float] | None = None, budget: int | None = None) -> None:  # fmt: skip

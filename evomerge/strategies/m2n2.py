@@ -143,6 +143,7 @@ class M2N2(Strategy):
 
     name = "m2n2"
     model_space = True  # members are recipes over the pool, not genomes of a box
+    needs_all_items = "its resource competition shares each item among the members that solve it, so every member needs scores on every item"
 
     def __init__(self, space: Space, *, n_objectives: int = 1, seed: int = 0,
                  weights: Sequence[float] | None = None, budget: int | None = None,

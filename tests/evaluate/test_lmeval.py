@@ -196,3 +196,79 @@ def test_standard_task_without_local_data_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EvaluationError, match="arc_easy: data could not be loaded.*local Hugging Face cache"):
         LMEvalSpec(tasks=("arc_easy",)).build()
+
+
+# --- items: evaluate only chosen documents ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both(tasks_dir):
+    return LMEvalSpec(tasks=("dev_mc", "dev_rev"), include_path=str(tasks_dir), batch_size=16).build()
+
+
+def test_task_sizes_are_documents_per_task_in_task_order(both, tasks_dir):
+    assert list(both.task_sizes.items()) == [("dev_mc", 60), ("dev_rev", 40)]
+    limited = LMEvalSpec(tasks=("dev_mc",), include_path=str(tasks_dir), limit=5).build()
+    assert limited.task_sizes == {"dev_mc": 5}
+
+
+def test_selected_items_score_as_in_the_full_run_in_the_given_order(both):
+    model, tok = tiny_model(), char_tokenizer()
+    full = both.evaluate(model, tok)
+    items = {"dev_mc": [41, 3, 17, 0, 59, 8], "dev_rev": [39, 2, 11]}
+    part = both.evaluate(model, tok, items=items)
+    assert list(part.scores) == list(part.samples) == ["dev_mc", "dev_rev"]
+    for task, positions in items.items():
+        assert np.array_equal(part.samples[task], full.samples[task][positions])
+        assert part.scores[task] == pytest.approx(full.samples[task][positions].mean())
+    assert part.forward_passes == 6 * 4 + 3  # 4 choices per mc document, 1 generation per rev document
+
+
+def test_a_task_left_out_of_items_is_not_evaluated(both):
+    model, tok = tiny_model(), char_tokenizer()
+    full = both.evaluate(model, tok)
+    part = both.evaluate(model, tok, items={"dev_rev": np.arange(40)[::-1]})
+    assert list(part.scores) == ["dev_rev"] and list(part.samples) == ["dev_rev"]
+    assert part.forward_passes == 40
+    assert np.array_equal(part.samples["dev_rev"], full.samples["dev_rev"][::-1])
+    assert part.scores["dev_rev"] == pytest.approx(full.scores["dev_rev"])
+
+
+def test_items_none_is_the_full_evaluation(both):
+    model, tok = tiny_model(), char_tokenizer()
+    default = both.evaluate(model, tok)
+    explicit = both.evaluate(model, tok, items=None)
+    every = both.evaluate(model, tok, items={t: range(n) for t, n in both.task_sizes.items()})
+    assert default.forward_passes == explicit.forward_passes == every.forward_passes == 60 * 4 + 40
+    for other in (explicit, every):
+        assert other.scores == default.scores
+        assert all(np.array_equal(other.samples[t], default.samples[t]) for t in default.samples)
+
+
+def test_consecutive_selections_do_not_see_each_others_responses(both):
+    model, tok = tiny_model(), char_tokenizer()
+    first = both.evaluate(model, tok, items={"dev_mc": [0, 1, 2, 3], "dev_rev": [0, 1]})
+    with torch.no_grad():  # new weights: stale responses of the first call would now be wrong
+        for p, q in zip(model.parameters(), tiny_model(seed=7).parameters()):
+            p.copy_(q)
+    second = both.evaluate(model, tok, items={"dev_mc": [2, 3, 4, 5], "dev_rev": [1, 2]})
+    fresh = both.evaluate(tiny_model(seed=7), char_tokenizer())
+    assert np.array_equal(second.samples["dev_mc"], fresh.samples["dev_mc"][[2, 3, 4, 5]])
+    assert np.array_equal(second.samples["dev_rev"], fresh.samples["dev_rev"][[1, 2]])
+    assert second.forward_passes == first.forward_passes == 4 * 4 + 2
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ({"dev_mc": [0, 60]}, "dev_mc: item positions \\[60\\] out of range 0..59"),
+        ({"dev_rev": [-1]}, "dev_rev: item positions \\[-1\\] out of range"),
+        ({"dev_mc": [3, 1, 3]}, "dev_mc: duplicated item positions \\[3\\]"),
+        ({"dev_rev": []}, "dev_rev: empty item selection"),
+        ({"dev_rev": [0.5]}, "dev_rev: item positions must be integers"),
+        ({"dev_nope": [0]}, "unknown tasks \\['dev_nope'\\]"),
+    ],
+)
+def test_bad_items_are_a_clear_error(both, items, message):
+    with pytest.raises(EvaluationError, match=message):
+        both.evaluate(tiny_model(), char_tokenizer(), items=items)
