@@ -151,10 +151,15 @@ class RacingConfig(_Strict):
     `rungs` items per task (then on all of them) and stops at a rung when it cannot beat the bar. `eta`:
     successive halving among the reference candidates at the rung (keep the top 1/eta; null: off); `test`:
     a paired test against the incumbent on the shared items (`wilcoxon`, optuna's WilcoxonPruner, or
-    `bernstein`, an empirical-Bernstein bound; `none`: off) at level `alpha`, corrected for the repeated looks."""
+    `bernstein`, an empirical-Bernstein bound; `none`: off) at level `alpha`, corrected for the repeated looks.
+    `window`: halving ranks the candidate among the last `window` reference candidates at the rung (optuna ranks
+    among all trials; in a converging search nearly every new candidate then beats the early ones' bar)."""
 
     rungs: list[int] = Field(default_factory=lambda: [32, 96])
     eta: float | None = Field(default=3.0, gt=1.0)
+    window: int | None = Field(
+        default=32, ge=1
+    )  # halving compares with the last `window` references (None: all)
     test: Literal["wilcoxon", "bernstein", "none"] = "wilcoxon"
     alpha: float = Field(default=0.1, gt=0.0, lt=1.0)
 

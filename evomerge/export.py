@@ -417,6 +417,14 @@ def verify_scores(
         raise ExportError(
             f"--verify needs an lm-eval or digits evaluator; {view.run_dir} used {view.config.evaluator.type}"
         )
+    from evomerge.fidelity.plan import is_exact
+
+    if not is_exact(view.results[cid]):
+        items = sum(view.results[cid].get("fidelity", {}).get("items", {}).values())
+        raise VerifyError(
+            f"verify: the journal's scores of {cid} were measured on {items} items only (reduced fidelity; the run "
+            "re-scores its best and front on every item): nothing exact to verify against; export without --verify"
+        )
     model, tokenizer = load_target(model_dir, resolve_device(device or view.config.device))
     got = spec.build().evaluate(model, tokenizer).scores
     expected = view.results[cid]["scores"]

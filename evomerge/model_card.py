@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 import evomerge
+from evomerge.fidelity.plan import is_exact
 
 MAX_FRONT_ROWS = 20
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -114,6 +115,7 @@ def render_card(c: CardInput) -> str:
             "generation": int(cand.get("generation", 0)),
             "parents": list(cand.get("parents", [])),
             "scores": {k: float(v) for k, v in scores.items()},
+            "scores_exact": is_exact(view.results[c.candidate]),
             "on_pareto_front": c.candidate in front,
             "strategy": view.config.strategy.name,
             "version": evomerge.__version__,
@@ -149,12 +151,27 @@ def _merge_section(c: CardInput) -> str:
     return "\n".join(lines)
 
 
+def measured(result: dict[str, Any]) -> str:
+    """How a score was measured: every item, re-scored on every item after the search, or on fewer items."""
+    fid = result.get("fidelity", {})
+    if fid.get("rescored"):
+        return "all items (re-scored)"
+    if is_exact(result):
+        return "all items"
+    what = "estimated" if fid.get("estimated") else "partial"
+    return f"{what}, {sum(fid.get('items', {}).values())} items"
+
+
 def _scores_section(c: CardInput, front: list[str]) -> str:
     view = c.view
-    names = list(view.results[c.candidate]["scores"])
-    rows = [[t, f"{view.results[c.candidate]['scores'][t]:.4f}"] for t in names]
+    result = view.results[c.candidate]
+    names = list(result["scores"])
+    estimate = result.get("estimate", {}).get("scores", {})
+    rows = [[t, f"{result['scores'][t]:.4f}"] + ([f"{estimate[t]:.4f}"] if estimate else []) for t in names]
+    header = ["task", "score"] + (["search's estimate"] if estimate else [])
     lines = ["## Scores", "", f"From the run's journal ({view.config.evaluator.type} evaluator, "
-             f"tasks {', '.join(view.config.evaluator.tasks)}).", "", _table(["task", "score"], rows)]  # fmt: skip
+             f"tasks {', '.join(view.config.evaluator.tasks)}); measured on: {measured(result)}.", "",
+             _table(header, rows)]  # fmt: skip
     order = sorted(
         front, key=lambda cid: (cid != c.candidate, -float(np.mean(view.results[cid]["objectives"])))
     )
@@ -167,9 +184,10 @@ def _scores_section(c: CardInput, front: list[str]) -> str:
         table = [
             [f"**{cid}** (exported)" if cid == c.candidate else cid]
             + [f"{view.results[cid]['scores'].get(n, float('nan')):.4f}" for n in view.names]
+            + [measured(view.results[cid])]
             for cid in shown
         ]
-        lines += ["", _table(["candidate", *view.names], table)]
+        lines += ["", _table(["candidate", *view.names, "measured on"], table)]
     return "\n".join(lines)
 
 

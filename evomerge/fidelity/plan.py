@@ -13,7 +13,9 @@ Three plans share one small protocol the search loop drives:
 
 Protocol: `first(cid)` gives the items of a candidate's next call (None: all items), `advance(cid, payload)`
 takes a worker payload and returns a `Step` (a `rung` event to journal, the next items, or the final payload);
-`on_ask`, `on_result`, `on_tell`, `replay_rung` keep the plan in step with the journal. Racing and estimators
+`on_ask`, `on_result`, `on_tell`, `replay_rung` keep the plan in step with the journal; `settled(cid)` gives
+the final payload of a race the journal ended (last `rung`: stop or done) without its `result` (a driver
+killed in between), so that resume records it instead of scoring more items. Racing and estimators
 score a task by the mean of its per-item scores (lm-eval's `mean` aggregation: accuracy, exact match).
 """
 
@@ -50,7 +52,22 @@ def unpack_all(samples: dict[str, Any]) -> dict[str, np.ndarray]:
     return {t: unpack_samples(v) for t, v in samples.items()}
 
 
-class ExactPlan:
+class _OneCallPlan:
+    """A plan whose candidates take one call each: nothing to remember between calls or across a resume."""
+
+    def on_ask(self, cid: str, told_before: int) -> None: ...
+
+    def on_result(self, event: dict[str, Any]) -> None: ...
+
+    def on_tell(self, cid: str) -> None: ...
+
+    def replay_rung(self, event: dict[str, Any]) -> None: ...
+
+    def settled(self, cid: str) -> dict[str, Any] | None:
+        return None
+
+
+class ExactPlan(_OneCallPlan):
     """Every item of every task, one call per candidate."""
 
     reduced = False
@@ -60,14 +77,6 @@ class ExactPlan:
 
     def advance(self, cid: str, payload: dict[str, Any]) -> Step:
         return Step(final={**payload, "fidelity": {"mode": "exact", "exact": True}})
-
-    def on_ask(self, cid: str, told_before: int) -> None: ...
-
-    def on_result(self, event: dict[str, Any]) -> None: ...
-
-    def on_tell(self, cid: str) -> None: ...
-
-    def replay_rung(self, event: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -89,6 +98,7 @@ class _Race:
     seen: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per task, slices in item order
     passes: int = 0
     seconds: float = 0.0
+    ended: bool = False  # the last rung's decision was stop or done (replayed from the journal)
 
 
 class RacingPlan:
@@ -97,10 +107,11 @@ class RacingPlan:
     reduced = True
 
     def __init__(self, sizes: dict[str, int], objectives: ObjectiveMap, *, rungs: list[int], eta: float | None,
-                 test: str, alpha: float, seed: int) -> None:  # fmt: skip
+                 test: str, alpha: float, seed: int, window: int | None = None) -> None:  # fmt: skip
         from evomerge.fidelity.racing import item_order, rung_sizes
 
         self.sizes, self.obj, self.eta, self.test, self.alpha = sizes, objectives, eta, test, alpha
+        self.window = window
         self.orders = {t: item_order(t, n, seed) for t, n in sizes.items()}
         self.rungs = {t: rung_sizes(rungs, n) for t, n in sizes.items()}
         self.n_rungs = max(len(r) for r in self.rungs.values())
@@ -137,6 +148,14 @@ class RacingPlan:
     def replay_rung(self, event: dict[str, Any]) -> None:
         race = self.races.setdefault(event["id"], _Race())
         self._add(race, event["rung"], unpack_all(event["samples"]), event["forward_passes"], 0.0)
+        race.ended = event["decision"] != "promote"
+
+    def settled(self, cid: str) -> dict[str, Any] | None:
+        """The final payload of a race whose last journaled rung ended it, when its result is missing."""
+        race = self.races.get(cid)
+        if race is None or not race.ended:
+            return None
+        return self._final(race, {"id": cid, "pid": None, "node": None})
 
     def _add(
         self, race: _Race, rung: int, samples: dict[str, np.ndarray], passes: int, seconds: float
@@ -174,9 +193,12 @@ class RacingPlan:
         return self.obj.vector(means)
 
     def rivals(self, rung: int, k: int) -> np.ndarray:
+        """Values at `rung` of the reference candidates (told among the first k), the last `window` of them: a
+        converging search's early candidates would otherwise keep a bar every new candidate clears."""
         rows, values = self.tables[rung]
         m = bisect.bisect_left(rows, k)
-        return np.array(values[:m]).reshape(m, len(self.obj.tasks))
+        lo = 0 if self.window is None else max(0, m - self.window)
+        return np.array(values[lo:m]).reshape(m - lo, len(self.obj.tasks))
 
     def reference_exact(self, k: int) -> list[str]:
         m = bisect.bisect_left(self.exact_told, (k, ""))
@@ -248,8 +270,12 @@ class RacingPlan:
                  "decision": "promote" if promote else ("stop" if not last else "done")}  # fmt: skip
         if promote:
             return Step(rung=event, items=self.slice(rung + 1))
+        return Step(rung=event, final=self._final(race, payload))
+
+    def _final(self, race: _Race, payload: dict[str, Any]) -> dict[str, Any]:
+        seen = {t: np.concatenate(parts) for t, parts in race.seen.items()}
         exact = all(len(seen.get(t, ())) == n for t, n in self.sizes.items())
-        final = {
+        return {
             **payload,
             "scores": {t: float(np.mean(y)) for t, y in seen.items()},
             "samples": {t: pack_samples(y) for t, y in seen.items()},
@@ -258,15 +284,14 @@ class RacingPlan:
             "fidelity": {
                 "mode": "racing",
                 "exact": exact,
-                "rung": rung,
+                "rung": race.rung,
                 "stopped": not exact,
                 "items": {t: len(y) for t, y in seen.items()},
             },  # fmt: skip
         }
-        return Step(rung=event, final=final)
 
 
-class EstimatePlan:
+class EstimatePlan(_OneCallPlan):
     """One fixed subset per task; the estimator's value is the candidate's score."""
 
     reduced = True
@@ -295,14 +320,6 @@ class EstimatePlan:
                  "fidelity": {"mode": "estimate", "estimator": self.name, "exact": exact,
                               "estimated": not exact, "items": n}}  # fmt: skip
         return Step(final=final)
-
-    def on_ask(self, cid: str, told_before: int) -> None: ...
-
-    def on_result(self, event: dict[str, Any]) -> None: ...
-
-    def on_tell(self, cid: str) -> None: ...
-
-    def replay_rung(self, event: dict[str, Any]) -> None: ...
 
 
 def is_exact(result: dict[str, Any]) -> bool:

@@ -180,7 +180,8 @@ def build_plan(config: RunConfig, objectives: Objectives, strategy: Any, event: 
     if fid.racing is not None:
         r = fid.racing
         omap = ObjectiveMap(objectives.names, objectives.signs, objectives.weights, strategy.multi_objective)
-        return RacingPlan(sizes, omap, rungs=r.rungs, eta=r.eta, test=r.test, alpha=r.alpha, seed=seed)
+        return RacingPlan(sizes, omap, rungs=r.rungs, eta=r.eta, test=r.test, alpha=r.alpha, seed=seed,
+                          window=r.window)  # fmt: skip
     est = fid.estimator
     assert est is not None
     reference = event.get("reference", {})  # none for `mean`: a placeholder row gives the task size

@@ -93,7 +93,7 @@ class SearchState:
     pending_tell: dict[str, None] = field(default_factory=dict)  # asked, not told yet (ask order)
     ask_due: bool = False  # replay: the last tell was not followed by its ask(1) (killed in between)
     told_before: dict[str, int] = field(default_factory=dict)  # candidates told when it was asked (racing)
-    rescored: dict[str, None] = field(default_factory=dict)  # re-scored on every item after the search
+    rescored: dict[str, str | None] = field(default_factory=dict)  # re-scored after the search -> cached twin
 
     def add_candidate(self, c: Candidate) -> None:
         self.candidates[c.id] = c
@@ -113,7 +113,7 @@ class SearchState:
         """A candidate's scores on every item replace its (estimated or partial) search scores; these stay in
         `estimate`."""
         self.results[event["id"]] = apply_rescore(self.results[event["id"]], event)
-        self.rescored[event["id"]] = None
+        self.rescored[event["id"]] = event.get("cached")
         self.forward_passes += int(event.get("forward_passes", 0))
 
     def mark_told(self, ids: list[str]) -> None:
@@ -230,9 +230,9 @@ class WorkerPool:
             ray.kill(a, no_restart=True)
 
 
-def rescore_targets(state: SearchState, weights: np.ndarray) -> list[str]:
-    """Candidates whose reported scores are not exact among the best (by the weighted objective) and the Pareto
-    front of the current scores, best first."""
+def rescore_targets(state: SearchState, weights: np.ndarray, front: bool = True) -> list[str]:
+    """Candidates whose reported scores are not exact among the best (by the weighted objective) and, with
+    `front`, the Pareto front of the current scores; best first."""
     from evomerge.pareto import non_dominated
 
     ok = [c for c in state.candidates if (r := state.results.get(c)) is not None and r["status"] == "ok"]
@@ -241,7 +241,7 @@ def rescore_targets(state: SearchState, weights: np.ndarray) -> list[str]:
     points = np.array([state.results[c]["objectives"] for c in ok], dtype=np.float64)
     on_front = non_dominated(points)
     order = np.argsort(-(points @ weights), kind="stable")
-    picks = [ok[i] for i in order if on_front[i] or i == order[0]]
+    picks = [ok[i] for i in order if (front and on_front[i]) or i == order[0]]
     return [c for c in picks if not is_exact(state.results[c])]
 
 
@@ -449,6 +449,11 @@ class Search:
     def run(self) -> SearchState:
         import ray
 
+        for cid in list(self.state.waiting):  # killed between a race's last `rung` (stop/done) and its result
+            final = self.plan.settled(cid)
+            if final is not None:
+                self._record(cid, final, None)
+                self._after_result(cid)
         if self.state.ask_due and self.can_ask():  # each tell is followed by one ask(1), also across a kill
             self._ask(1)
         self.state.ask_due = False
@@ -482,6 +487,9 @@ class Search:
                 self._next_progress = time.monotonic() + PROGRESS_EVERY
                 self.on_progress(self.progress(len(running)))
             if not running:
+                # candidates asked by the tells of cache hits above: serve them in the next pass
+                if self.state.waiting and idle:
+                    continue
                 if self.can_ask() and not self.state.pending_tell:
                     self._ask(1)
                     continue
@@ -500,12 +508,21 @@ class Search:
         return self.state
 
     def rescore_front(self, ray: Any) -> None:
-        """Winner's-curse guard: the search optimized estimated or partial scores, so the best candidate and the
-        front are re-scored on every item (at most `rescore` candidates, best first, in waves until the best and
-        the front of the updated scores are exact). Journaled as `rescore` events; resume never redoes one."""
-        tried: set[str] = set(self.state.rescored)
+        """Winner's-curse guard: the search optimized estimated or partial scores, so the best candidate (and, for a
+        multi-objective strategy, the Pareto front) is re-scored on every item: at most `rescore` candidates, best
+        first, in waves until the best and the front of the updated scores are exact. A single-objective search
+        re-scores its best until the best is exact. Journaled as `rescore` events; resume never redoes one.
+        With the cache on, the other candidates of a re-scored recipe get its scores (`rescore` events with
+        `cached`, no forward pass, not counted in `rescore`)."""
+        tried = {c for c, twin in self.state.rescored.items() if twin is None}
         while len(tried) < self.rescore_limit:
-            todo = [c for c in rescore_targets(self.state, self.objectives.weights) if c not in tried]
+            multi = getattr(self.strategy, "multi_objective", True)
+            todo = [c for c in rescore_targets(self.state, self.objectives.weights, multi) if c not in tried]
+            if self.cache:  # one evaluation per recipe; its other candidates get copies of its scores
+                first: dict[str, str] = {}
+                for c in todo:
+                    first.setdefault(self.recipe_key(c), c)
+                todo = list(first.values())
             todo = todo[: self.rescore_limit - len(tried)]
             if not todo:
                 return
@@ -526,6 +543,15 @@ class Search:
                 self.journal.append(event)
                 self.state.add_rescore(event)
                 self._notify("on_rescore", event)
+                if self.cache:
+                    key = self.recipe_key(cid)
+                    for twin in [c for c, r in self.state.results.items() if c != cid and r["status"] == "ok"
+                                 and c not in self.state.rescored and self.recipe_key(c) == key]:  # fmt: skip
+                        copy = {**event, "t": time.time(), "id": twin, "forward_passes": 0, "seconds": 0.0,
+                                "cached": cid}  # fmt: skip
+                        self.journal.append(copy)
+                        self.state.add_rescore(copy)
+                        self._notify("on_rescore", copy)
 
     def _dispatch(self, in_flight: dict[Any, tuple[str | None, int]], cid: str, w: int, items: Any) -> None:
         recipe = self.state.candidates[cid].recipe.to_dict()
