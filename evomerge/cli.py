@@ -188,9 +188,13 @@ def _print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> 
     for n in names:
         table.add_column(n, justify="right")
     for row in shown:
-        mark = " (best)" if row["id"] == best["id"] else ""
+        mark = (" (best)" if row["id"] == best["id"] else "") + ("" if row.get("exact", True) else " *")
         table.add_row(row["id"] + mark, *(f"{row['scores'][n]:.4f}" for n in names))
     console.print(table)
+    if any(not r.get("exact", True) for r in shown):
+        console.print(
+            "* estimated or partial scores (reduced fidelity); the others are measured on every item"
+        )
     console.print(f"best candidate {best['id']}: recipe {run_dir / 'best.yaml'}")
     console.print(f"run dir: {run_dir}  (journal.jsonl, front.json)")
 
