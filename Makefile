@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+SLOW ?= 0
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 1,$(SLOW)),,-m "not slow")
 
 demo: $(STAMP)
 	$(VENV)/bin/evomerge demo
