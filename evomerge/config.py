@@ -157,9 +157,8 @@ class RacingConfig(_Strict):
 
     rungs: list[int] = Field(default_factory=lambda: [32, 96])
     eta: float | None = Field(default=3.0, gt=1.0)
-    window: int | None = Field(
-        default=32, ge=1
-    )  # halving compares with the last `window` references (None: all)
+    # halving compares with the last `window` references (None: all)
+    window: int | None = Field(default=32, ge=1)
     test: Literal["wilcoxon", "bernstein", "none"] = "wilcoxon"
     alpha: float = Field(default=0.1, gt=0.0, lt=1.0)
 

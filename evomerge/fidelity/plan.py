@@ -117,10 +117,11 @@ class RacingPlan:
         self.n_rungs = max(len(r) for r in self.rungs.values())
         self.races: dict[str, _Race] = {}
         self.told_before: dict[str, int] = {}
-        self.told_index: dict[str, int] = {}
+        self.n_told = 0
         self.pending: dict[str, dict[str, np.ndarray]] = {}  # result recorded, not told yet: seen items
         self.tables: list[tuple[list[int], list[np.ndarray]]] = [([], []) for _ in range(self.n_rungs)]
         self.exact: dict[str, dict[str, np.ndarray]] = {}  # told candidates scored on every item
+        self.exact_values: dict[str, np.ndarray] = {}  # their objective vectors on every item
         self.exact_told: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ item slices
@@ -173,8 +174,8 @@ class RacingPlan:
 
     def on_tell(self, cid: str) -> None:
         """The candidate joins the reference set of every candidate asked from now on."""
-        idx = len(self.told_index)
-        self.told_index[cid] = idx
+        idx = self.n_told
+        self.n_told += 1
         seen = self.pending.pop(cid, None)
         if seen is None:
             return
@@ -185,6 +186,7 @@ class RacingPlan:
                 values.append(self.value(seen, r))
         if all(len(seen.get(t, ())) == n for t, n in self.sizes.items()):
             self.exact[cid] = {t: seen[t] for t in self.obj.tasks}
+            self.exact_values[cid] = self.value(seen, self.n_rungs - 1)
             self.exact_told.append((idx, cid))
 
     # ------------------------------------------------------------------ decisions
@@ -230,8 +232,7 @@ class RacingPlan:
         refs = self.reference_exact(k)
         if not refs:
             return False
-        full = np.array([self.obj.vector({t: float(np.mean(self.exact[c][t])) for t in self.obj.tasks})
-                         for c in refs])  # fmt: skip
+        full = np.array([self.exact_values[c] for c in refs])
         looks = self.n_rungs - 1  # tests happen at every rung but the last (there the race is done)
         sizes = [sum(self.size(t, r) for t in self.obj.tasks) for r in range(looks)]
 

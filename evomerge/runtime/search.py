@@ -92,12 +92,10 @@ class SearchState:
     waiting: dict[str, None] = field(default_factory=dict)  # asked, no result yet (ask order)
     pending_tell: dict[str, None] = field(default_factory=dict)  # asked, not told yet (ask order)
     ask_due: bool = False  # replay: the last tell was not followed by its ask(1) (killed in between)
-    told_before: dict[str, int] = field(default_factory=dict)  # candidates told when it was asked (racing)
     rescored: dict[str, str | None] = field(default_factory=dict)  # re-scored after the search -> cached twin
 
     def add_candidate(self, c: Candidate) -> None:
         self.candidates[c.id] = c
-        self.told_before[c.id] = len(self.told)
         self.waiting[c.id] = None
         self.pending_tell[c.id] = None
 
@@ -179,7 +177,7 @@ def replay(events: list[dict[str, Any]], strategy: Strategy, objectives: Objecti
                         "(was the config, seed or evomerge version changed?)"
                     )
                 state.add_candidate(old)
-                plan.on_ask(old.id, state.told_before[old.id])
+                plan.on_ask(old.id, len(state.told))
         elif kind == "rung":
             plan.replay_rung(ev)
         elif kind == "result":
@@ -356,7 +354,7 @@ class Search:
         )
         for c in batch:
             self.state.add_candidate(c)
-            self.plan.on_ask(c.id, self.state.told_before[c.id])
+            self.plan.on_ask(c.id, len(self.state.told))
         self._notify("on_ask", batch)
 
     def _tell(self, ids: list[str]) -> None:

@@ -131,15 +131,13 @@ class MergeBackend:
 
     def evaluate_model(self, ref: str) -> Evaluation:
         """One pool model as it is (the base or a source) on every item: the reference rows estimators use."""
-        from evomerge.merge.engine import apply_in_place
         from evomerge.merge.mergekit_io import recipe_from_dict
 
-        self._resident = None
-        recipe = recipe_from_dict(
-            {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+        return self.evaluate(
+            recipe_from_dict(
+                {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+            )
         )
-        apply_in_place(recipe, self.pool, self.model)
-        return self.evaluator.evaluate(self.model, self.tokenizer)
 
     def merge(self, recipe: AnyRecipe) -> Any:
         """Write the candidate into its target model (in place) and return that model."""
@@ -250,7 +248,8 @@ class Worker:
         return self._payload(candidate_id, ev, start)
 
     def evaluate_model(self, ref: str) -> dict[str, Any]:
-        return self._payload(ref, self.backend.evaluate_model(ref), time.perf_counter())
+        start = time.perf_counter()
+        return self._payload(ref, self.backend.evaluate_model(ref), start)
 
     def task_sizes(self) -> dict[str, int]:
         return self.backend.task_sizes
