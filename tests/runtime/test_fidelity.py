@@ -284,17 +284,18 @@ def test_the_same_racing_config_gives_the_same_journal(racing, racing_again):
 
 def _cut(events_path: Path) -> tuple[int, str, str]:
     """A cut (number of journal lines kept) right after a `stop` rung event, before its result, while another
-    candidate is in the middle of its race (promoted at rung 0, no result yet); (lines, stopped, mid-race)."""
+    candidate is in the middle of its race (promoted, its last rung not yet journaled: with two workers its final
+    `done` rung can land just before another's `stop`); (lines, stopped, mid-race)."""
     events = [json.loads(line) for line in events_path.read_text().splitlines()]
     for i, e in enumerate(events):
         if e["event"] != "rung" or e["decision"] != "stop":
             continue
         head = events[: i + 1]
-        done = {x["id"] for x in head if x["event"] == "result"}
+        ended = {x["id"] for x in head if x["event"] == "result" or x.get("decision") in ("stop", "done")}
         racing = [
             x["id"]
             for x in head
-            if x["event"] == "rung" and x["decision"] == "promote" and x["id"] not in done
+            if x["event"] == "rung" and x["decision"] == "promote" and x["id"] not in ended
         ]
         if racing:
             assert events[i + 1]["event"] == "result" and events[i + 1]["id"] == e["id"]
