@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import CheckpointError, ShapeMismatchError
+from evomerge.references import locate, parts
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -90,10 +91,12 @@ class Checkpoint:
     """Lazy view of one HF model directory (config.json + safetensors, single or sharded)."""
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
-        self.path = Path(path)
+        self.path = locate(str(path), allow_pickle=allow_pickle)  # a hub id: its snapshot in the hub cache
         self.allow_pickle = allow_pickle
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: model directory not found")
+            raise CheckpointError(
+                f"{self.path}: model directory not found (nor a hub id org/name[@revision])"
+            )
         self._handles: dict[str, Any] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         _ = self.tensors  # fail early on missing or corrupt weight files
@@ -215,7 +218,7 @@ class LoraCheckpoint:
 
     def __init__(self, base: Checkpoint, adapter_dir: str | Path) -> None:
         self.base = base
-        self.path = Path(adapter_dir)
+        self.path = locate(str(adapter_dir))
         cfg_file = self.path / "adapter_config.json"
         if not cfg_file.exists():
             raise CheckpointError(f"{self.path}: not a LoRA adapter (no adapter_config.json)")
@@ -320,12 +323,12 @@ Source = Checkpoint | LoraCheckpoint
 
 
 def open_source(ref: str, *, base: str | None = None, allow_pickle: bool = False) -> Source:
-    """Open a model reference: `dir`, `dir+adapter_dir` (mergekit syntax) or a bare adapter dir (applied to
-    `base`, the recipe's base model)."""
-    if "+" in ref and not Path(ref).exists():
-        model, adapter = ref.split("+", 1)
+    """Open a model reference: `model`, `model+adapter` (mergekit syntax) or a bare adapter (applied to `base`,
+    the recipe's base model); each a local directory or a hub id `org/name[@revision]`."""
+    if len(split := parts(ref)) == 2:
+        model, adapter = split
         return LoraCheckpoint(Checkpoint(model, allow_pickle=allow_pickle), adapter)
-    path = Path(ref)
+    path = locate(ref, allow_pickle=allow_pickle)
     if (path / "adapter_config.json").exists():
         if base is None:
             raise CheckpointError(f"{ref}: a LoRA adapter needs a base_model to apply to")
@@ -353,7 +356,8 @@ def common_vocab_rows(name: str, shapes: dict[str, tuple[int, ...]], truncate: b
         if truncate:
             return min(s[0] for s in distinct)
         raise ShapeMismatchError(
-            f"{name}: vocabulary sizes differ ({listing}); the tokenizers differ. If the token ids of the common "
-            "prefix mean the same, pass --truncate-vocab (mergekit's --unsafe-truncate-embeddings)"
+            f"{name}: vocabulary sizes differ ({listing}); the tokenizers differ. Set tokenizer_source (base, "
+            "union or a model) to align the rows by token, or, if the token ids of the common prefix mean the same, "
+            "pass --truncate-vocab (mergekit's --unsafe-truncate-embeddings)"
         )
     raise ShapeMismatchError(f"{name}: shapes differ ({listing})")

@@ -33,7 +33,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 def _parse_size(text: str) -> int:
     units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    text = text.strip().upper().removesuffix("B")
+    text = text.strip().upper().removesuffix("B").removesuffix("I")  # 5GB, 5GiB
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
@@ -244,6 +244,131 @@ def resume(
 
     _state, summary = _search(lambda cb: resume_run(run_dir, address=address, on_progress=cb))
     _print_summary(Console(), run_dir, summary)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Run YAML (see configs/demo.yaml).")],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address: probe a worker's node (GPU memory, RAM, bandwidth)."),
+    ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="Plan GPU workers for a card of this size, e.g. 80GiB (no probe).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Override workers.count.")] = None,
+) -> None:
+    """Print a run's memory plan (per worker, workers per node, the models, the candidate switch time) from the
+    checkpoints' headers, without loading a model or starting a search; exit 1 when it does not fit."""
+    from evomerge.checkpoints import Checkpoint
+    from evomerge.config import load_config
+    from evomerge.errors import EvomergeError
+    from evomerge.runtime import memory as mp
+    from evomerge.runtime.run import build_space, resolve_models
+
+    try:
+        cfg = load_config(config)
+        if workers is not None:
+            cfg = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"count": workers})})
+        base, sources = resolve_models(cfg)
+        infos = mp.pool_infos(base, sources)
+        model_config = Checkpoint(base).config
+        settings = mp.run_settings(cfg, model_config, build_space(cfg, base, sources))
+    except EvomergeError as e:
+        _fail(str(e))
+    console = Console()
+    _print_models(console, cfg, base, sources)
+    if settings is None:
+        console.print("evaluator: function; the workers hold no model, nothing to plan")
+        return
+    mem = _plan_memory(cfg, settings, address, gpu_memory)
+    result = mp.plan_memory(infos, model_config, settings, base=base)
+    console.print(_plan_table(result, mem))
+    if settings.gpu:
+        per_node = f", {mem.workers_per_node} per node" if mem.workers_per_node else ""
+        console.print(f"workers: {cfg.workers.count}, {mem.workers_per_device} per GPU{per_node}")
+    else:
+        console.print(f"workers: {cfg.workers.count}, {mem.workers_per_device} per node")
+    seconds, how = mp.switch_seconds(result, mem)
+    console.print(f"candidate switch (estimate): {seconds * 1000:.1f} ms ({how})", highlight=False)
+    if mem.per_worker is None:
+        console.print("GPU memory: unknown (pass --address to probe, or --gpu-memory 80GiB)")
+        return
+    message = mp.refusal(result, mem, infos, model_config)
+    if message:
+        console.print(message, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print("fits")
+
+
+def _print_models(console: Console, cfg: Any, base: str, sources: list[str]) -> None:
+    """The model references as the run will use them (pinned), beside what the config gives."""
+    given = [cfg.models.base, *cfg.models.sources] if cfg.models.zoo is None else [None] * (1 + len(sources))
+    for label, ref, as_given in zip(["base", *["source"] * len(sources)], [base, *sources], given):
+        shown = f"{as_given} -> {ref}" if as_given is not None and as_given != ref else ref
+        console.print(f"{label}: {shown}", highlight=False, soft_wrap=True)
+
+
+def _plan_memory(cfg: Any, settings: Any, address: str | None, gpu_memory: str | None) -> Any:
+    """The workers' memory: --gpu-memory as given, a probe through Ray with --address, else this machine
+    (CPU workers) or unknown (GPU workers). Never starts a local Ray."""
+    from evomerge.runtime import memory as mp
+
+    if gpu_memory is not None:
+        if not settings.gpu:
+            _fail("--gpu-memory: the config's workers use no GPU (workers.num_gpus: 0 or device: cpu)")
+        try:
+            return mp.gpu_memory(cfg, _parse_size(gpu_memory))
+        except ValueError:
+            _fail(f"--gpu-memory: cannot parse {gpu_memory!r} (e.g. 80GiB, 24GB)")
+    if address is not None:
+        import ray
+
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            mem = mp.probe_memory(cfg, measure=True)
+        finally:
+            ray.shutdown()
+        if mem is not None:
+            return mem
+    if settings.gpu:
+        return mp.DeviceMemory("cuda", None, mp.workers_per_gpu(cfg), name="GPU", source="unknown")
+    from dataclasses import replace
+
+    return replace(mp.local_memory(cfg), bandwidth=mp.copy_bandwidth("cpu", 64))
+
+
+def _plan_table(result: Any, mem: Any) -> Any:
+    from rich.table import Table
+
+    from evomerge.runtime.memory import fmt_bytes
+
+    s = result.settings
+    device = "GPU" if s.gpu else "host"
+    title = f"memory per worker ({mem.name or device}, {mem.source})" if mem.source else "memory per worker"
+    table = Table(title=title, title_justify="left")
+    for col in ("held", "where", "size", "note"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    rows = [("pool", "pinned host" if result.pool_on_host else device, result.pool, f"{s.pool_dtype}, sources + base"),
+            ("target", device, result.target, s.model_dtype)]  # fmt: skip
+    if result.stacking:
+        rows.append(("stacking targets", device, result.stacking, f"up to depth {s.max_depth}"))
+    rows += [
+        (f"evaluator {k}", device, n, f"batch {s.batch_size} x {s.seq_len} tokens")
+        for k, n in result.headroom.items()
+    ]
+    if result.stream:
+        rows.append(("stream buffer", device, result.stream, "the largest stack, streamed"))
+    if result.context:
+        rows.append(("CUDA context", device, result.context, ""))
+    have = "unknown" if mem.per_worker is None else fmt_bytes(mem.per_worker)
+    rows.append((f"total on {device}", device, result.device_bytes, f"available: {have}"))
+    if result.host_bytes:
+        host = "unknown" if mem.host_per_worker is None else fmt_bytes(mem.host_per_worker)
+        rows.append(("total pinned host", "host", result.host_bytes, f"available: {host}"))
+    for held, where, n, note in rows:
+        table.add_row(held, where, fmt_bytes(n), note)
+    return table
 
 
 @app.command()

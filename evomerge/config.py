@@ -76,7 +76,12 @@ def _inside(path: str) -> bool:
 class EvaluatorConfig(_Strict):
     """lmeval: lm-eval tasks on the merged LLM; function: a Python `module:function` of the recipe
     (synthetic objectives, benchmarks); digits: M2N2's sklearn-digits MLP setting (score `digits`, per-sample
-    0/1 on `split`; `report_test` adds `digits_test`, the test accuracy, outside the forward-pass budget)."""
+    0/1 on `split`; `report_test` adds `digits_test`, the test accuracy, outside the forward-pass budget).
+
+    Instruct models (lmeval), as lm-eval's options of the same names: `apply_chat_template` (true: the base
+    tokenizer's template; a string: one of its named templates), `fewshot_as_multiturn` (unset: on with a chat
+    template, as lm-eval's CLI; true needs a template), `system_instruction`, `gen_kwargs` (updates every
+    generate_until task's generation kwargs, e.g. {max_gen_toks: 256})."""
 
     type: Literal["lmeval", "function", "digits"] = "lmeval"
     tasks: list[str] = Field(default_factory=lambda: ["zoo_search"])
@@ -84,6 +89,10 @@ class EvaluatorConfig(_Strict):
     limit: int | float | None = None
     subsample: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
+    apply_chat_template: bool | str = False
+    fewshot_as_multiturn: bool | None = None
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] | None = None
     function: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     split: Literal["train", "test"] = "train"
@@ -94,6 +103,27 @@ class EvaluatorConfig(_Strict):
         if self.type == "function" and not self.function:
             raise ValueError("type: function needs function: 'module:function'")
         return self
+
+    @model_validator(mode="after")
+    def _chat_options(self) -> EvaluatorConfig:
+        prompt = [self.apply_chat_template, self.fewshot_as_multiturn, self.system_instruction]
+        if self.type != "lmeval" and any(v not in (None, False) for v in [*prompt, self.gen_kwargs]):
+            raise ValueError(
+                f"apply_chat_template, fewshot_as_multiturn, system_instruction and gen_kwargs are lm-eval "
+                f"options; the {self.type} evaluator has no prompts"
+            )
+        if isinstance(self.apply_chat_template, str) and not self.apply_chat_template.strip():
+            raise ValueError("apply_chat_template: give true, or the name of a tokenizer's template")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn: needs apply_chat_template (as in lm-eval)")
+        return self
+
+    @property
+    def multiturn(self) -> bool:
+        """fewshot_as_multiturn as lm-eval resolves it: unset means on exactly when a chat template is."""
+        if self.fewshot_as_multiturn is None:
+            return bool(self.apply_chat_template)
+        return self.fewshot_as_multiturn
 
 
 class Objective(_Strict):
@@ -121,7 +151,8 @@ class WorkersConfig(_Strict):
     """`num_gpus` per worker may be fractional (0.25: four workers share a GPU); a worker with GPUs puts its
     pool and target model on its GPU (`device: auto`). `pool_dtype` stores the resident sources (bfloat16
     halves their memory; merges still accumulate in fp32), `model_dtype` is the target model's (evaluation)
-    dtype."""
+    dtype. `pool_device: cpu` keeps the pool in (pinned) host memory and streams each tensor to the GPU target
+    during the candidate switch: pools larger than GPU memory, at PCIe speed (results are the same)."""
 
     count: int = Field(default=2, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
@@ -132,6 +163,7 @@ class WorkersConfig(_Strict):
     scheduling: Literal["ordered", "as_completed"] = "ordered"
     pool_dtype: Dtype = "float32"
     model_dtype: Dtype = "float32"
+    pool_device: Literal["auto", "cpu"] = "auto"  # auto: the worker's device
 
 
 class TrackingConfig(_Strict):

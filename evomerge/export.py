@@ -97,9 +97,11 @@ def materialize(
         raise TypeError(
             f"a {type(recipe).__name__} recipe needs its run dir (the base model is in its config)"
         )
-    from evomerge.runtime.run import resolve_models
+    from evomerge.runtime.journal import read_journal
+    from evomerge.runtime.run import run_models
 
-    base, _ = resolve_models(load_config(Path(run_dir) / "config.yaml"))
+    config = load_config(Path(run_dir) / "config.yaml")
+    base, _ = run_models(config, read_journal(Path(run_dir) / "journal.jsonl", repair=False))
     return write_model_dir(recipe, base, out, dtype=parse_dtype(dtype, "--dtype"),
                            max_shard_bytes=max_shard_bytes)  # fmt: skip
 

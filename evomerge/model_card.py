@@ -17,7 +17,9 @@ import numpy as np
 import yaml
 
 import evomerge
+from evomerge.errors import EvomergeError
 from evomerge.fidelity.plan import is_exact
+from evomerge.references import display_name, hub_id, locate, parts
 
 MAX_FRONT_ROWS = 20
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -57,8 +59,11 @@ def source_licenses(models: list[str]) -> dict[str, dict[str, str]]:
     found: dict[str, dict[str, str]] = {}
     for ref in models:
         info: dict[str, str] = {}
-        for part in ref.split("+"):
-            d = Path(part)
+        for part in parts(ref):
+            try:
+                d = locate(part)
+            except EvomergeError:  # a hub model not cached here: its license stays unknown
+                continue
             meta = _front_matter(d / "README.md")
             try:
                 config = json.loads((d / "config.json").read_text())
@@ -83,10 +88,6 @@ def _license_fields(licenses: dict[str, dict[str, str]]) -> dict[str, str]:
     return {}
 
 
-def _name(ref: str) -> str:
-    return "+".join(Path(p.rstrip("/")).name or p for p in ref.split("+"))
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -100,7 +101,7 @@ def render_card(c: CardInput) -> str:
     front = view.front()
     licenses = source_licenses(s.models)
     meta: dict[str, Any] = {
-        "base_model": list(s.models),
+        "base_model": [hub_id(m) for m in s.models],  # the Hub reads repo ids there
         "base_model_relation": "merge",
         "library_name": "transformers",
         "tags": ["merge", "evomerge"] + (["mergekit"] if c.mergekit else []),
@@ -116,6 +117,7 @@ def render_card(c: CardInput) -> str:
             "parents": list(cand.get("parents", [])),
             "scores": {k: float(v) for k, v in scores.items()},
             "scores_exact": is_exact(view.results[c.candidate]),
+            "evaluator": evaluator_options(view.config.evaluator),
             "on_pareto_front": c.candidate in front,
             "strategy": view.config.strategy.name,
             "version": evomerge.__version__,
@@ -162,6 +164,43 @@ def measured(result: dict[str, Any]) -> str:
     return f"{what}, {sum(fid.get('items', {}).values())} items"
 
 
+def evaluator_options(ev: Any) -> dict[str, Any]:
+    """What the scores were measured with besides the weights (an EvaluatorConfig): for lm-eval its tasks and
+    prompt options, since a chat template, a system instruction or generation kwargs change every score."""
+    if ev.type != "lmeval":
+        return {"type": ev.type}
+    template = ev.apply_chat_template
+    name = template if isinstance(template, str) else "tokenizer default"
+    return {
+        "type": ev.type,
+        "tasks": list(ev.tasks),
+        "apply_chat_template": bool(template),
+        "chat_template": name if template else None,
+        "fewshot_as_multiturn": ev.multiturn,
+        "system_instruction": ev.system_instruction,
+        "gen_kwargs": dict(ev.gen_kwargs) if ev.gen_kwargs else None,
+    }
+
+
+def prompt_line(ev: Any) -> str:
+    """One sentence on how lm-eval built the prompts (plain, or which chat options)."""
+    opts = evaluator_options(ev)
+    if opts["type"] != "lmeval":
+        return ""
+    if opts["apply_chat_template"]:
+        name = opts["chat_template"]
+        what = "the tokenizer's chat template" if name == "tokenizer default" else f"chat template `{name}`"
+        turns = "as multi-turn chat" if opts["fewshot_as_multiturn"] else "in one user turn"
+        said = [f"Prompts: {what}, few-shot examples {turns}"]
+    else:
+        said = ["Prompts: plain text (no chat template)"]
+    if opts["system_instruction"] is not None:
+        said.append(f"system instruction {json.dumps(opts['system_instruction'])}")
+    if opts["gen_kwargs"]:
+        said.append(f"generation kwargs {json.dumps(opts['gen_kwargs'], sort_keys=True)}")
+    return "; ".join(said) + "."
+
+
 def _scores_section(c: CardInput, front: list[str]) -> str:
     view = c.view
     result = view.results[c.candidate]
@@ -172,6 +211,8 @@ def _scores_section(c: CardInput, front: list[str]) -> str:
     lines = ["## Scores", "", f"From the run's journal ({view.config.evaluator.type} evaluator, "
              f"tasks {', '.join(view.config.evaluator.tasks)}); measured on: {measured(result)}.", "",
              _table(header, rows)]  # fmt: skip
+    if prompt := prompt_line(view.config.evaluator):
+        lines[2] += " " + prompt
     order = sorted(
         front, key=lambda cid: (cid != c.candidate, -float(np.mean(view.results[cid]["objectives"])))
     )
@@ -233,7 +274,7 @@ def _license_section(licenses: dict[str, dict[str, str]]) -> str:
         return "\n".join(lines)
     lines.append("From the sources' model cards and configs (the merge is bound by all of them):")
     lines += [
-        f"- `{_name(ref)}`: {', '.join(f'{k} {v}' for k, v in info.items())}"
+        f"- `{display_name(ref)}`: {', '.join(f'{k} {v}' for k, v in info.items())}"
         for ref, info in licenses.items()
     ]
     return "\n".join(lines)

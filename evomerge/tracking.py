@@ -890,7 +890,8 @@ class Store:
     """One run's parent and children in an MLflow store; pushes the difference between a Record and what
     the store holds (read back by `load`, or remembered from earlier pushes)."""
 
-    def __init__(self, uri: str, run_dir: Path, config: RunConfig, record: Record) -> None:
+    def __init__(self, uri: str, run_dir: Path, config: RunConfig, record: Record,
+                 models: dict[str, Any] | None = None) -> None:  # fmt: skip
         for name in ("mlflow.store.db.utils", "alembic"):  # migration chatter on a new database
             logging.getLogger(name).setLevel(logging.WARNING)
         _check_server(uri)
@@ -898,6 +899,7 @@ class Store:
         from mlflow import MlflowClient
 
         self.uri, self.run_dir, self.config, self.record = uri, run_dir.resolve(), config, record
+        self.models = models  # the pinned references the workers use (hub ids at their commit)
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = ""
         self.parent: _Known | None = None
@@ -983,6 +985,8 @@ class Store:
             params.update(
                 evomerge_version=evomerge.__version__, run_dir=run_dir, config_hash=self.config.content_hash()
             )
+            if self.models:
+                params.update(_flatten({"models": {"resolved": self.models}}))
             if commit:
                 params["git_commit"] = commit
             self._log(self.parent, params=params)
@@ -1261,6 +1265,7 @@ class MLflowTracker(Observer):
         *,
         objectives: Sequence[Objective] | None = None,
         gene_names: Sequence[str] = (),
+        models: dict[str, Any] | None = None,
         resumed: bool = False,
         uri: str | None = None,
         flush_seconds: float = 0.5,
@@ -1276,6 +1281,7 @@ class MLflowTracker(Observer):
             "config": config.model_dump(mode="json"),
             "objectives": None if objectives is None else [o.model_dump() for o in objectives],
             "gene_names": list(gene_names),
+            "models": models,
             "resumed": resumed,
             "flush_seconds": flush_seconds,
             "artifact_every": artifact_every,
@@ -1355,6 +1361,7 @@ class _Tracking:
             float(spec["artifact_seconds"]),
         )
         self.resumed = bool(spec["resumed"])
+        self.spec_models = spec.get("models")
         self.follower = _Follower(self.run_dir / "journal.jsonl")
         events = self.follower.read()
         objectives = spec["objectives"]
@@ -1398,7 +1405,7 @@ class _Tracking:
         threading.Thread(target=self.listen, name="evomerge-control", daemon=True).start()
         record = self.record
         try:
-            self.store = Store(self.uri, self.run_dir, self.config, record)
+            self.store = Store(self.uri, self.run_dir, self.config, record, models=self.spec_models)
             self.store.attach(fresh=not self.resumed)
             _write_state(
                 self.run_dir, experiment_id=self.store.experiment_id, parent_run_id=self.store.parent_id

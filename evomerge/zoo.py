@@ -192,8 +192,17 @@ def write_task_data(out_dir: str | Path, seed: int = 0) -> list[Path]:
     return written
 
 
+# A chat template in the zoo's own characters ("system:...", "user:...", then "assistant:"). The zoo models
+# never saw it: it exists so the evaluator's chat path (lm-eval's apply_chat_template) can be tested on them.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def make_tokenizer():
-    """The zoo's character-level tokenizer: one token per character of `CHARS`, BOS prepended, left padding."""
+    """The zoo's character-level tokenizer: one token per character of `CHARS`, BOS prepended, left padding,
+    and `CHAT_TEMPLATE` (saved as chat_template.jinja)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -213,6 +222,7 @@ def make_tokenizer():
         padding_side="left",
         clean_up_tokenization_spaces=False,
         model_max_length=64,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -414,6 +424,27 @@ def _save_model(model, root: Path, name: str, digest: str) -> Path:
     return final
 
 
+def refresh_tokenizer(path: Path) -> list[str]:
+    """Bring a cached zoo model's tokenizer files up to `make_tokenizer()`'s; returns the files written.
+
+    The tokenizer is not trained, so it is not in the zoo's digest: a zoo cached before the chat template
+    existed keeps its weights (and every score without a template) and only gains chat_template.jinja. Files
+    already current are not touched (a read-only zoo that is current still loads); each write is atomic."""
+    written = []
+    with tempfile.TemporaryDirectory(prefix="evomerge-tok-") as tmp:
+        make_tokenizer().save_pretrained(tmp)
+        for fresh in sorted(Path(tmp).iterdir()):
+            target = path / fresh.name
+            data = fresh.read_bytes()
+            if target.exists() and target.read_bytes() == data:
+                continue
+            part = path / f".{fresh.name}.{os.getpid()}.tmp"
+            part.write_bytes(data)
+            os.replace(part, target)
+            written.append(fresh.name)
+    return written
+
+
 def _is_built(path: Path, digest: str) -> bool:
     try:
         marker = json.loads((path / "zoo_model.json").read_text())
@@ -448,7 +479,10 @@ def build_zoo(out_dir: str | Path, seed: int = 0, settings: ZooSettings | None =
     root = Path(out_dir)
     manifest = load_zoo(root, seed, s)
     if manifest is not None:
-        return {name: root / rel for name, rel in manifest["models"].items()}
+        paths = {name: root / rel for name, rel in manifest["models"].items()}
+        for path in paths.values():
+            refresh_tokenizer(path)
+        return paths
     root.mkdir(parents=True, exist_ok=True)
     digest = s.digest(seed)
     threads = torch.get_num_threads()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import random
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +29,17 @@ def _sources(zoo: dict[str, Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run_dir(zoo, local_ray, tmp_path_factory) -> Path:
-    """A finished 6-candidate search with MLflow tracking in its run dir."""
+    """A finished 6-candidate search with MLflow tracking in its run dir; its config names the models relative to
+    the directory it runs from (as `models: {base: zoo/base}` does), the recipes must not."""
     from evomerge.config import parse_config
     from evomerge.runtime.run import create_run_dir, execute
 
     out = tmp_path_factory.mktemp("export") / "run"
+    cwd = zoo["base"].parent.parent
     data = {
         "name": "export-test",
-        "models": {"base": str(zoo["base"]), "sources": _sources(zoo)},
+        "models": {"base": str(zoo["base"].relative_to(cwd)),
+                   "sources": [str(Path(s).relative_to(cwd)) for s in _sources(zoo)]},  # fmt: skip
         "space": {"type": "task_vector", "low": 0.0, "high": 1.2},
         "strategy": {"name": "random"},
         "evaluator": {"type": "lmeval", "tasks": ["zoo_search"], "subsample": 20},
@@ -43,7 +48,9 @@ def run_dir(zoo, local_ray, tmp_path_factory) -> Path:
         "output": str(out),
     }
     cfg = parse_config(data, "test")
-    execute(create_run_dir(cfg, None, None), cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        execute(create_run_dir(cfg, None, None), cfg)
     return out
 
 
@@ -104,12 +111,16 @@ def test_export_writes_sharded_model_card_recipe_and_mergekit_yaml(exported, run
     assert ev["candidate"] == front["best"]["id"]
     assert ev["scores"] == front["best"]["scores"]
     assert ev["run_dir"] == str(run_dir.resolve())
+    assert ev["evaluator"] == {"type": "lmeval", "tasks": ["zoo_search"], "apply_chat_template": False,
+                               "chat_template": None, "fewshot_as_multiturn": False,
+                               "system_instruction": None, "gen_kwargs": None}  # fmt: skip
     assert meta["tags"] == ["merge", "evomerge", "mergekit"]
     assert meta["merge_method"] == "task_arithmetic"
     assert set(meta["base_model"]) == set(_sources_of(meta)) | {meta["merge_base"]}
     card = (exported / "README.md").read_text()
     assert f"evomerge export {run_dir} " in card and "mergekit-yaml mergekit_config.yml" in card
     assert "Pareto front" in card and "Lineage" in card
+    assert "Prompts: plain text (no chat template)." in card
 
 
 def _sources_of(meta: dict) -> list[str]:
@@ -171,18 +182,18 @@ def test_recipe_file_rebuilds_the_same_tensors(exported, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_mergekit_builds_the_same_tensors_from_the_exported_yaml(exported, tmp_path):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
+def test_mergekit_yaml_rebuilds_the_exported_tensors_from_another_directory_offline(exported, tmp_path):
+    """`mergekit-yaml` (mergekit 0.1.5's CLI) on the exported config, run elsewhere with the hub offline: the
+    recipe names the models by absolute path, so mergekit finds them (a cwd-relative `zoo/base` would be taken
+    for a hub id and fail)."""
     config = yaml.safe_load((exported / "mergekit_config.yml").read_text())
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mk"), options=options)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
+    models = [config["base_model"], *(m["model"] for m in config["models"])]
+    assert all(Path(m).is_absolute() for m in models), models
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = Path(sys.executable).parent / "mergekit-yaml"
+    argv = [str(cli), str(exported / "mergekit_config.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     a, b = _load_dir(exported), _load_dir(tmp_path / "mk")
     assert a.keys() == b.keys()
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5

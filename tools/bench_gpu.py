@@ -1,7 +1,9 @@
 """GPU figures, each measured side by side in one run on one CUDA device:
 
 1. in-place candidate switch (task arithmetic over K experts into the resident target) vs the HBM
-   bandwidth floor (bytes read + written / measured device copy bandwidth), for fp32 and bf16 pools;
+   bandwidth floor (bytes read + written / measured device copy bandwidth), for fp32 and bf16 pools; and with
+   `workers.pool_device: cpu` (the pool pinned in host memory, streamed per tensor) vs the same pool on the
+   GPU and vs the PCIe floor (pool bytes / measured pinned host-to-device bandwidth);
 2. evaluation throughput: forward passes/s of the resident target on fixed-length prompts, and the lm-eval
    evaluator on the zoo mix vs a bare batched greedy loop over the same prompts (as tools/bench_eval.py);
 3. a short end-to-end search on the zoo with GPU workers (fractional GPUs: `workers.num_gpus` 1/count).
@@ -78,13 +80,45 @@ def switch(work: Path, gib: float, experts: int, repeats: int) -> None:
         pool = ResidentPool.from_refs(refs, device="cuda", dtype=pool_dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=target_dtype).to("cuda").eval()
         seconds = _timed(functools.partial(apply_in_place, recipe, pool, model), repeats)
-        stored = [*pool.stacked.values(), *(t for src in pool.tensors.values() for t in src.values())]
-        moved = sum(t.numel() * t.element_size() for t in stored)
-        moved += sum(p.numel() * p.element_size() for p in model.parameters())
+        moved = _held(pool) + sum(p.numel() * p.element_size() for p in model.parameters())
         floor = moved / bandwidth
         name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
         print(f"   {name[pool_dtype]:9} {name[target_dtype]:9} {seconds * 1000:10.1f} {floor * 1000:9.1f} "
               f"{seconds / floor:5.2f}x")  # fmt: skip
+        pool = model = None
+        torch.cuda.empty_cache()
+    host_switch(refs, recipe, config, repeats)
+
+
+def _held(pool) -> int:
+    stored = [*pool.stacked.values(), *(t for src in pool.tensors.values() for t in src.values())]
+    return sum(t.numel() * t.element_size() for t in stored)
+
+
+def host_switch(refs: list[str], recipe, config, repeats: int) -> None:
+    """`pool_device: cpu`: the same switch from a pinned host pool, each stack copied to the GPU as it is used."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import ResidentPool, apply_in_place
+    from evomerge.runtime.memory import pcie_bandwidth
+
+    pcie = pcie_bandwidth()
+    print(f"\n   pool_device: cpu (pinned host pool streamed per tensor; host->device {pcie / 1e9:.1f} GB/s)")
+    print(
+        f"   {'pool':9} {'target':9} {'GPU pool ms':>12} {'host pool ms':>13} {'PCIe floor ms':>14} {'ratio':>6}"
+    )
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    for pool_dtype, target_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        model = AutoModelForCausalLM.from_config(config, dtype=target_dtype).to("cuda").eval()
+        pool = ResidentPool.from_refs(refs, device="cuda", dtype=pool_dtype)
+        on_gpu = _timed(functools.partial(apply_in_place, recipe, pool, model), repeats)
+        pool = None
+        torch.cuda.empty_cache()
+        pool = ResidentPool.from_refs(refs, device="cpu", dtype=pool_dtype, pin=True)
+        on_host = _timed(functools.partial(apply_in_place, recipe, pool, model), repeats)
+        floor = _held(pool) / pcie
+        print(f"   {name[pool_dtype]:9} {name[target_dtype]:9} {on_gpu * 1000:12.1f} {on_host * 1000:13.1f} "
+              f"{floor * 1000:14.1f} {on_host / floor:5.2f}x")  # fmt: skip
         pool = model = None
         torch.cuda.empty_cache()
 

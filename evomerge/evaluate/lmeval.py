@@ -16,6 +16,15 @@ distinct, at least one) and of the named tasks only. `samples[task]` then holds 
 the given order, `scores[task]` is the task's own aggregation over those documents, and `forward_passes`
 counts only what ran. Only the chosen requests are reset, filtered and scored, so consecutive calls with
 different selections never see each other's responses. `items=None` evaluates everything.
+
+Instruct models: `apply_chat_template` (true: the tokenizer's template; a name: one of its named templates),
+`fewshot_as_multiturn`, `system_instruction` and `gen_kwargs` mean what they mean in lm-eval's
+`simple_evaluate`, and the requests are the ones it builds. A chat template needs the tokenizer, which a
+spec built on the driver does not have, so with a template the requests are built on the first `evaluate`
+(still once per worker: the tokenizer, unlike the weights, never changes) and the documents at `build()`.
+One deliberate difference: lm-eval 0.4.13 validates a template name but renders with the tokenizer's default
+template; here the named template is the one rendered (with `true`, or a tokenizer with one template, the
+two agree).
 """
 
 from __future__ import annotations
@@ -55,6 +64,10 @@ class LMEvalSpec:
     batch_size: int = 64
     device: str = "cpu"
     num_fewshot: int | None = None
+    apply_chat_template: bool | str = False
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] | None = field(default=None, hash=False)  # updates generate_until tasks' own
 
     def build(self) -> LMEvalEvaluator:
         return LMEvalEvaluator(self)
@@ -71,7 +84,8 @@ class _TaskRun:
     groups: list[list[Any]]
     metric: str
     higher_is_better: bool
-    filter_keys: list[str] = field(default_factory=list)
+    limit: int | None = None
+    samples: list[int] | None = None
 
 
 def _task_manager(include: list[str], names: tuple[str, ...]) -> Any:
@@ -124,9 +138,9 @@ def _memoize_targets(task: Any, docs: list[Any]) -> None:
     targets = {id(doc): task.doc_to_target(doc) for doc in docs}
     render = task.doc_to_target
 
-    def doc_to_target(doc: Any) -> Any:
-        hit = targets.get(id(doc))
-        return hit if hit is not None else render(doc)
+    def doc_to_target(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        hit = targets.get(id(doc)) if not args and not kwargs else None  # few-shot calls pass their own field
+        return hit if hit is not None else render(doc, *args, **kwargs)
 
     task.doc_to_target = doc_to_target
 
@@ -145,9 +159,13 @@ class LMEvalEvaluator:
     def __init__(self, spec: LMEvalSpec) -> None:
         if spec.limit is not None and spec.subsample is not None:
             raise EvaluationError("give either limit or subsample, not both")
+        if spec.fewshot_as_multiturn and not spec.apply_chat_template:
+            raise EvaluationError("fewshot_as_multiturn needs apply_chat_template (as in lm-eval)")
         self.spec = spec
         self._lm: Any = None
         self._lm_key: tuple[int, int] | None = None
+        self._template: str | None = None  # the chat template the current requests were built with
+        self._templated_lm: Any = None  # the HFLM that renders with it
         self.runs = [self._prepare(name, task) for name, task in _load_tasks(spec).items()]
         if not self.runs:
             raise EvaluationError(f"tasks {', '.join(spec.tasks)} contain no evaluable task")
@@ -162,8 +180,7 @@ class LMEvalEvaluator:
         return {r.name: len(r.docs) for r in self.runs}
 
     def _prepare(self, name: str, task: Any) -> _TaskRun:
-        if self.spec.num_fewshot is not None:
-            task.set_config(key="num_fewshot", value=self.spec.num_fewshot)
+        _configure(task, self.spec)
         samples = None
         if self.spec.subsample is not None:
             docs = task.eval_docs
@@ -171,20 +188,26 @@ class LMEvalEvaluator:
         from lm_eval.evaluator_utils import get_sample_size
 
         limit = get_sample_size(task, self.spec.limit) if samples is None else None
-        try:
-            task.build_all_requests(limit=limit, samples=samples, rank=0, world_size=1, cache_requests=False)
-        except Exception as e:
-            raise EvaluationError(f"task {name}: cannot build requests ({type(e).__name__}: {e})") from None
-        instances: dict[int, list[Any]] = defaultdict(list)
-        for inst in task.instances:
-            instances[inst.doc_id].append(inst)
-        for group in instances.values():
-            group.sort(key=lambda x: x.idx)
         docs = list(task.doc_iterator(rank=0, limit=limit, world_size=1, samples=samples))
-        _memoize_targets(task, [doc for _, doc in docs])
         metric, hib = _primary_metric(task)
-        groups = [instances.get(doc_id, []) for doc_id, _ in docs]
-        return _TaskRun(name, task, docs, groups, metric, hib)
+        run = _TaskRun(name, task, docs, [[] for _ in docs], metric, hib, limit, samples)
+        if not self.spec.apply_chat_template:  # plain prompts need no tokenizer: build them now
+            _build_requests(run, self.spec, None)
+        _memoize_targets(task, [doc for _, doc in docs])
+        return run
+
+    def _ensure_requests(self, lm: Any) -> None:
+        """With a chat template: build every task's requests with the template of `lm`'s tokenizer, once
+        (again only if a later tokenizer renders with another template)."""
+        if not self.spec.apply_chat_template or lm is self._templated_lm:
+            return
+        template = _resolve_template(lm, self.spec.apply_chat_template)
+        lm.chat_template_args = {**lm.chat_template_args, "chat_template": template}
+        if template != self._template:
+            for run in self.runs:
+                _build_requests(run, self.spec, lm.apply_chat_template)
+            self._template = template
+        self._templated_lm = lm
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         """lm-eval's HFLM around the resident model, made once per (model, tokenizer) object pair."""
@@ -211,8 +234,11 @@ class LMEvalEvaluator:
     ) -> Evaluation:
         """Score the model as it is now, on every document or only on `items` (see the module docstring)."""
         start = time.perf_counter()
-        selection = self._select(items)
+        if items is not None:
+            self._select(items)  # bad items fail before any work
         lm = self._wrap(model, tokenizer)
+        self._ensure_requests(lm)
+        selection = self._select(items)
         passes = _run_requests(lm, [instances for _, _, instances in selection])
         scores: dict[str, float] = {}
         samples: dict[str, np.ndarray] = {}
@@ -238,6 +264,53 @@ class LMEvalEvaluator:
                 positions = _positions(run.name, items[run.name], len(run.docs))
                 chosen.append((run, positions, [inst for p in positions for inst in run.groups[p]]))
         return chosen
+
+
+def _configure(task: Any, spec: LMEvalSpec) -> None:
+    """The task settings `simple_evaluate` overrides: num_fewshot, and the generation kwargs (generate_until
+    tasks only, updating the task's own as lm-eval's --gen_kwargs does)."""
+    if spec.num_fewshot is not None:
+        task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    if spec.gen_kwargs and task.get_config("output_type") == "generate_until":
+        task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
+
+
+def _build_requests(run: _TaskRun, spec: LMEvalSpec, chat_template: Any) -> None:
+    """lm-eval's `build_all_requests` with the spec's prompt options; `run.groups[i]` = requests of document i.
+    The few-shot sampler is seeded first with `simple_evaluate`'s default seed: unseeded, few-shot examples
+    would differ between workers, and a rebuild draws the same examples."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
+
+    run.task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    try:
+        run.task.build_all_requests(
+            limit=run.limit, samples=run.samples, rank=0, world_size=1, cache_requests=False,
+            system_instruction=spec.system_instruction, apply_chat_template=bool(spec.apply_chat_template),
+            fewshot_as_multiturn=spec.fewshot_as_multiturn, chat_template=chat_template,
+        )  # fmt: skip
+    except Exception as e:
+        raise EvaluationError(f"task {run.name}: cannot build requests ({type(e).__name__}: {e})") from None
+    instances: dict[int, list[Any]] = defaultdict(list)
+    for inst in run.task.instances:
+        instances[inst.doc_id].append(inst)
+    for group in instances.values():
+        group.sort(key=lambda x: x.idx)
+    run.groups = [instances.get(doc_id, []) for doc_id, _ in run.docs]
+
+
+def _resolve_template(lm: Any, choice: bool | str) -> str:
+    """The chat template lm-eval picks for `choice` (true: the tokenizer's own or its `default`; a name: that
+    one of its named templates); a clear error when the tokenizer has none."""
+    try:
+        template = lm.chat_template(choice)
+    except ValueError as e:
+        raise EvaluationError(f"apply_chat_template: {e}") from None
+    if not template:
+        raise EvaluationError(
+            "apply_chat_template: the tokenizer has no chat template (a base model's tokenizer usually has none; "
+            "use the instruct model's tokenizer, or drop apply_chat_template)"
+        )
+    return template
 
 
 def _positions(task: str, given: Sequence[int], n_docs: int) -> list[int]:

@@ -24,7 +24,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import torch
 
 from evomerge.checkpoints import (
     SAFETENSORS_DTYPES,
+    VOCAB_TENSOR,
     Source,
     check_architectures,
     common_vocab_rows,
@@ -41,6 +42,16 @@ from evomerge.checkpoints import (
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError, MergeError, ShapeMismatchError
 from evomerge.merge.methods import METHODS, Method
 from evomerge.merge.recipe import Recipe, Slice, SliceSource, resolve
+from evomerge.merge.tokenizer import (
+    OutputVocab,
+    VocabRows,
+    build_output_vocab,
+    permute,
+    row_map,
+    save_tokenizer,
+    tokenizer_spec,
+)
+from evomerge.references import locate
 
 LAYER = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
@@ -72,13 +83,15 @@ class TensorJob:
     dtype: torch.dtype = torch.float32  # output dtype
     vocab_rows: int | None = None  # truncate the vocabulary axis to this many rows
     seed: int = 0
+    vocab: VocabRows | None = field(default=None, hash=False, compare=False)  # rows in the output vocabulary
 
 
 @dataclass
 class Plan:
     jobs: list[TensorJob]
     config: dict[str, Any]  # output config.json
-    tokenizer_source: str | None
+    tokenizer_source: str | None  # the model whose tokenizer files are copied (None: `vocab` writes its own)
+    vocab: OutputVocab | None = None  # the output vocabulary of `tokenizer_source:` / `tokenizer:`
 
 
 def _pylist_key(name: str) -> str:
@@ -146,6 +159,7 @@ def _job(
     sources: Mapping[str, Source],
     out_dtype: torch.dtype | None,
     truncate_vocab: bool,
+    vocab: OutputVocab | None = None,
 ) -> TensorJob:
     """Resolve one output tensor's parameters and check its inputs' shapes."""
     refs = [s.model for s in slice_.sources]
@@ -156,7 +170,12 @@ def _job(
         if name not in sources[ref].tensors:
             raise ShapeMismatchError(f"{ref}: tensor {name} is missing (present in the other sources)")
     infos = [sources[ref].tensors[name] for ref, name in zip(refs, in_names)]
-    vocab_rows = common_vocab_rows(out_name, dict(zip(refs, (i.shape for i in infos))), truncate_vocab)
+    rows_map = None
+    if vocab is not None and _split_layer(out_name) is None and VOCAB_TENSOR.search(out_name):
+        rows_map = row_map(vocab, refs, base, [i.shape for i in infos], out_name)
+    vocab_rows = None
+    if rows_map is None:
+        vocab_rows = common_vocab_rows(out_name, dict(zip(refs, (i.shape for i in infos))), truncate_vocab)
     shared_scopes = [slice_.parameters, recipe.parameters]
     params: dict[str, Any] = {}
     per_source: dict[str, tuple[Any, ...]] = {}
@@ -176,14 +195,14 @@ def _job(
                 raise ConfigError(f"missing required parameter {p.name!r} for {out_name}")
             params[_pylist_key(p.name)] = p.validate(p.default if v is None else v, out_name)
     shape = list(infos[base_index if base_index is not None else 0].shape)
-    if vocab_rows is not None:
-        shape[0] = vocab_rows
+    if vocab_rows is not None or rows_map is not None:
+        shape[0] = rows_map.rows if rows_map is not None else vocab_rows
     first = infos[base_index if base_index is not None else 0]
     dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
     seed_text = f"{recipe.random_seed or 0}:{out_name}"
     seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
     return TensorJob(out_name, tuple(zip(refs, in_names)), base_index, method.name, params, per_source,
-                     tuple(shape), dtype, vocab_rows, seed)  # fmt: skip
+                     tuple(shape), dtype, vocab_rows, seed, rows_map)  # fmt: skip
 
 
 def plan(
@@ -203,6 +222,13 @@ def plan(
             method, [src.model for src in s.sources], s.base_model or recipe.base_model, f"slices[{i}]"
         )
     first_src = sources[slices[0].sources[0].model]
+    base_ref = recipe.base_model or slices[0].sources[0].model
+    spec = tokenizer_spec(recipe)
+    vocab = None
+    if spec is not None:
+        vocab = build_output_vocab(spec, recipe.referenced_models(), base_ref,
+                                   tokenizer_dir=lambda ref: _tokenizer_dir(ref, sources),
+                                   vocab_size=lambda ref: sources[ref].config.get("vocab_size"))  # fmt: skip
     jobs: list[TensorJob] = []
 
     def outside_layers(pre: bool) -> None:
@@ -211,7 +237,7 @@ def plan(
         for name in anchor.tensors:
             if _split_layer(name) is None and bool(PRE_LAYER.search(name)) == pre:
                 jobs.append(_job(recipe, method, name, slice_, [name] * len(slice_.sources), 0.0, sources,
-                                 out_dtype, truncate_vocab))  # fmt: skip
+                                 out_dtype, truncate_vocab, vocab))  # fmt: skip
 
     outside_layers(pre=True)
     out_layer = 0
@@ -233,26 +259,26 @@ def plan(
     outside_layers(pre=False)
 
     config = dict(first_src.config)
-    base_ref = recipe.base_model or slices[0].sources[0].model
     config = dict(sources[base_ref].config) if base_ref in sources else config
     if any(_split_layer(n) for n in first_src.tensors):
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in config:
                 config[key] = out_layer
-    vocab = [j.vocab_rows for j in jobs if j.vocab_rows is not None]
-    if vocab and "vocab_size" in config:
-        config["vocab_size"] = min(vocab)
+    truncated = [j.vocab_rows for j in jobs if j.vocab_rows is not None]
+    if truncated and "vocab_size" in config:
+        config["vocab_size"] = min(truncated)
+    if vocab is not None:
+        config["vocab_size"] = vocab.rows  # mergekit: the output tokenizer's size, padded
     if out_dtype is not None:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).removeprefix("torch.")
-    # mergekit: `tokenizer_source: base` is the base model's tokenizer (the first model without a base)
-    tokenizer = base_ref if recipe.tokenizer_source in (None, "base") else recipe.tokenizer_source
-    return Plan(jobs, config, tokenizer)
+    # the base model's tokenizer (the first model's without a base), or what `tokenizer_source` builds
+    return Plan(jobs, config, base_ref if vocab is None else vocab.copy_from, vocab)
 
 
 def linear_form(job: TensorJob) -> list[float] | None:
     """Coefficients of the job's inputs when its method is a fixed linear combination of them."""
     method = METHODS.get(job.method)
-    if method.coefficients is None or job.vocab_rows is not None:
+    if method.coefficients is None or job.vocab_rows is not None or job.vocab is not None:
         return None
     return method.coefficients(len(job.inputs), job.base_index, **job.params, **job.per_source)
 
@@ -289,8 +315,13 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> to
     """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error."""
     method = METHODS.get(job.method)
     rows = slice(None, job.vocab_rows)
+    if job.vocab is not None:  # each input in the output vocabulary's order (fp32, as the method runs)
+        permuted = permute(job.vocab, [read(*ref_name).float() for ref_name in job.inputs])
+        fetch: Callable[[int], torch.Tensor] = permuted.__getitem__
+    else:
+        fetch = lambda i: read(*job.inputs[i])[rows]  # noqa: E731
     anchor_at = job.base_index if job.base_index is not None else 0
-    anchor = read(*job.inputs[anchor_at])[rows]
+    anchor = fetch(anchor_at)
     if not anchor.is_floating_point():
         return anchor.clone()
     coefficients = linear_form(job)
@@ -299,7 +330,7 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> to
     # One fp32 buffer for the method's inputs: each source is read and cast straight into its slot.
     stacked = torch.empty((len(order), *anchor.shape), dtype=torch.float32, device=anchor.device)
     for slot, i in enumerate(order):
-        stacked[slot].copy_(anchor if i == anchor_at else read(*job.inputs[i])[rows])
+        stacked[slot].copy_(anchor if i == anchor_at else fetch(i))
     if coefficients is not None:
         out = combine(coefficients, stacked)
     else:
@@ -388,7 +419,7 @@ CHATML = (
 def _tokenizer_dir(ref: str, sources: Mapping[str, Source]) -> Path:
     src = sources.get(ref)
     if src is None:
-        return Path(ref)
+        return locate(ref)
     return (
         src.base.path if hasattr(src, "base") else src.path
     )  # a LoRA source: the tokenizer lives with its base
@@ -419,6 +450,10 @@ def _copy_side_files(
     plan_: Plan, sources: Mapping[str, Source], out: Path, chat_template: str | None
 ) -> None:
     (out / "config.json").write_text(json.dumps(plan_.config, indent=2) + "\n")
+    if plan_.vocab is not None and plan_.vocab.tokenizer is not None:
+        template = resolve_chat_template(chat_template, sources) if chat_template is not None else None
+        save_tokenizer(plan_.vocab.tokenizer, out, template)
+        return
     src = _tokenizer_dir(plan_.tokenizer_source, sources)
     if not src.is_dir():
         raise ConfigError(f"tokenizer_source: {plan_.tokenizer_source} is not a model directory")
@@ -509,13 +544,19 @@ class ResidentPool:
     candidate whose recipe is a linear combination of exactly the pool in pool order (task arithmetic,
     linear; the order `models:` recipes produce when the pool is [sources..., base]) is then one
     matrix-vector product per tensor, written straight into the target: a memory-bandwidth-bound switch.
+
+    The pool may live on another device than the target (`workers.pool_device: cpu`: in host memory, `pin`ned
+    so that copies to the GPU are asynchronous DMA): `apply_in_place` and `fetch` then move each tensor to
+    the target's device as it is used, so pools larger than GPU memory work and results equal a pool on the
+    target's device.
     """
 
     def __init__(self, sources: Mapping[str, Source], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+                 dtype: torch.dtype = torch.float32, pin: bool = False) -> None:  # fmt: skip
         self.sources = dict(sources)
         self.device = torch.device(device)
         self.dtype = dtype
+        pin = pin and self.device.type == "cpu" and torch.cuda.is_available()  # pinning needs CUDA
         self.refs = list(self.sources)
         self.index = {ref: i for i, ref in enumerate(self.refs)}
         self.stacked: dict[str, torch.Tensor] = {}
@@ -526,25 +567,38 @@ class ResidentPool:
                 name in s.tensors and s.tensors[name].shape == info.shape for s in self.sources.values()
             )
             if shared and info.dtype.is_floating_point:
-                stack = torch.empty((len(self.refs), *info.shape), dtype=dtype, device=self.device)
+                stack = torch.empty(
+                    (len(self.refs), *info.shape), dtype=dtype, device=self.device, pin_memory=pin
+                )
                 for i, src in enumerate(self.sources.values()):
                     stack[i].copy_(src.read(name, self.device))
                 self.stacked[name] = stack
         for ref, src in self.sources.items():
             for name in src.tensors:
                 if name not in self.stacked:
-                    self.tensors[ref][name] = src.read(name, self.device)
+                    tensor = src.read(name, self.device)
+                    self.tensors[ref][name] = tensor.pin_memory() if pin else tensor
 
     @classmethod
     def from_refs(cls, refs: Iterable[str], *, base: str | None = None, device: str = "cpu",
-                  allow_pickle: bool = False, dtype: torch.dtype = torch.float32) -> ResidentPool:  # fmt: skip
-        return cls({r: open_source(r, base=base, allow_pickle=allow_pickle) for r in refs}, device, dtype)
+                  allow_pickle: bool = False, dtype: torch.dtype = torch.float32, pin: bool = False) -> ResidentPool:  # fmt: skip
+        return cls(
+            {r: open_source(r, base=base, allow_pickle=allow_pickle) for r in refs}, device, dtype, pin
+        )
 
     def read(self, ref: str, name: str) -> torch.Tensor:
         if ref not in self.index:
             raise ConfigError(f"{ref}: not in the resident pool (pool: {', '.join(self.refs)})")
         stack = self.stacked.get(name)
         return stack[self.index[ref]] if stack is not None else self.tensors[ref][name]
+
+    def fetch(self, ref: str, name: str, device: torch.device | str) -> torch.Tensor:
+        """`read`, on `device` (a copy, asynchronous from pinned memory, when the pool lives elsewhere)."""
+        return self.read(ref, name).to(device, non_blocking=True)
+
+    def stacks_on(self, device: torch.device | str) -> Mapping[str, torch.Tensor]:
+        """The stacks as seen from `device`: themselves when the pool is there, else streamed on lookup."""
+        return self.stacked if self.device == torch.device(device) else _StreamedStacks(self.stacked, device)
 
     def whole_pool_stack(self, job: TensorJob) -> torch.Tensor | None:
         """The stacked tensor when the job reads the same tensor from every pool model in pool order."""
@@ -557,10 +611,33 @@ class ResidentPool:
         return stack if same else None
 
 
+class _StreamedStacks(Mapping[str, torch.Tensor]):
+    """Stacks moved to a device when looked up; the last one is kept (a mixture reads one tensor's stack once
+    per segment, in a row)."""
+
+    def __init__(self, stacked: Mapping[str, torch.Tensor], device: torch.device | str) -> None:
+        self._stacked, self._device = stacked, device
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # free the previous copy first
+            self._last = (name, self._stacked[name].to(self._device, non_blocking=True))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stacked)
+
+    def __len__(self) -> int:
+        return len(self._stacked)
+
+
 @torch.no_grad()
 def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -> Plan:
     """Overwrite `model`'s parameters (and buffers) with the merge `recipe` describes; no allocation of
-    a new model. Every recipe tensor must exist in the model with the same shape."""
+    a new model. Every recipe tensor must exist in the model with the same shape. A pool on another device
+    (host memory) is streamed: each job's inputs are moved to the target's device before the math, so the
+    result is the one a pool on that device gives."""
     unknown = [r for r in recipe.referenced_models() if r not in pool.sources]
     if unknown:
         raise ConfigError(f"recipe uses {unknown[0]}, which is not in the resident pool")
@@ -576,8 +653,10 @@ def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -
             )
         coefficients = linear_form(job)
         stack = pool.whole_pool_stack(job) if coefficients is not None else None
+        device = target.device
         if stack is not None and target.data.is_contiguous():
+            stack = stack.to(device, non_blocking=True)  # no copy when the pool is on the target's device
             _check_finite(job, combine_into(coefficients, stack, target.data))  # straight into the target
         else:
-            target.data.copy_(merge_tensor(job, pool.read))
+            target.data.copy_(merge_tensor(job, lambda ref, name, to=device: pool.fetch(ref, name, to)))
     return plan_

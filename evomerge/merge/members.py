@@ -20,6 +20,7 @@ import torch
 from evomerge.errors import ConfigError, ShapeMismatchError
 from evomerge.fsutil import atomic_dir
 from evomerge.merge.mixture import FlatLayout, Mixture, Offspring
+from evomerge.references import locate
 
 Read = Callable[[str, str], torch.Tensor]  # (model ref, tensor name) -> tensor
 
@@ -243,8 +244,9 @@ def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *,
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"weight_map": weight_map}, indent=2)
             )
+        base_dir = locate(base)
         for name in SIDE_FILES:
-            if (Path(base) / name).exists():
-                shutil.copy2(Path(base) / name, tmp / name)
+            if (base_dir / name).exists():
+                shutil.copy2(base_dir / name, tmp / name)
         (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return out

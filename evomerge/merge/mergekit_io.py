@@ -17,7 +17,6 @@ from evomerge.merge.recipe import Recipe
 
 _UNSUPPORTED = {
     "modules": "per-module configs (multimodal models) are not supported; use 'models' or 'slices'",
-    "tokenizer": "the 'tokenizer' block (vocabulary surgery) is not supported; use tokenizer_source: base",
 }
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scalar = Union[bool, int, float, str]
 
@@ -80,6 +80,69 @@ class Slice(_Frozen):
         return v
 
 
+class ZeroEmbedding(_Frozen):
+    """`{kind: zero}`: the token's rows are zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Frozen):
+    """`{kind: model_token, model, token | token_id}`: the rows of another token of one model."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class TokenEmbedding(_Frozen):
+    """Where one output token's embedding and LM-head rows come from (mergekit's `tokenizer.tokens` entry).
+
+    `source` is a model of the merge (its row of this token), `{kind: zero}` or `{kind: model_token, ...}`;
+    absent, mergekit's automatic rule applies. `force` uses the source for every model, even those that
+    have the token. Fields are None when not written, so a YAML round-trips exactly.
+    """
+
+    source: Annotated[ZeroEmbedding | ModelTokenEmbedding, Field(discriminator="kind")] | str | None = None
+    force: bool | None = None
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _known_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("kind") not in ("zero", "model_token"):
+            raise ValueError(
+                "source must be a model, {kind: zero} or {kind: model_token, model, token | token_id}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _force_needs_source(self) -> TokenEmbedding:
+        if self.force and self.source is None:
+            raise ValueError("force: true needs a source")
+        return self
+
+
+class TokenizerSettings(_Frozen):
+    """mergekit's `tokenizer:` block: the output vocabulary, tokens to add or re-source, row padding."""
+
+    source: str | None = None  # base | union | a model; absent means union (mergekit's default)
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+
 class Recipe(_Frozen):
     """A merge: mergekit's config schema (models or slices) plus evomerge's `random_seed`.
 
@@ -95,6 +158,7 @@ class Recipe(_Frozen):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     random_seed: int | None = None
 
@@ -104,10 +168,8 @@ class Recipe(_Frozen):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty")
-        if self.tokenizer_source == "union":
-            raise ValueError(
-                "tokenizer_source: union (vocabulary merging) is not supported; use 'base' or a model path"
-            )
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' block, not both (as mergekit)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from evomerge.references import locate
+
 
 def _is_digits(path: str | Path) -> bool:
     from evomerge.evaluate.digits import is_digits_checkpoint
@@ -20,6 +22,7 @@ def _is_digits(path: str | Path) -> bool:
 
 def load_target(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     """(model in fp32 on `device`, eval mode; its tokenizer, or None for the digits MLP)."""
+    path = locate(str(path))
     if _is_digits(path):
         from safetensors.torch import load_file
 
@@ -35,6 +38,7 @@ def load_target(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module,
 
 
 def meta_target(path: str | Path) -> torch.nn.Module:
+    path = locate(str(path))
     if _is_digits(path):
         from evomerge.evaluate.digits import DigitsMLP
 

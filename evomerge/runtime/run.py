@@ -43,18 +43,39 @@ from evomerge.runtime.search import (
 log = logging.getLogger(__name__)
 
 
-def resolve_models(config: RunConfig) -> tuple[str, list[str]]:
-    """(base, sources) as paths; a zoo is built (or reused from its cache) first."""
+def given_models(config: RunConfig) -> tuple[str, list[str]]:
+    """(base, sources) as the config names them; a zoo is built (or reused from its cache) first."""
     if config.models.zoo is not None:
         from evomerge.zoo import build_zoo
 
         paths = build_zoo(Path(config.models.zoo), seed=config.models.zoo_seed)
         return str(paths["base"]), [str(p) for name, p in sorted(paths.items()) if name != "base"]
-    for ref in [config.models.base, *config.models.sources]:  # before anything starts (`dir+adapter` too)
-        for part in [ref] if Path(ref).is_dir() else str(ref).split("+"):
-            if not Path(part).is_dir():
-                raise ConfigError(f"models: {part}: no such model directory")
+    assert config.models.base is not None
     return config.models.base, list(config.models.sources)
+
+
+def resolve_models(config: RunConfig) -> tuple[str, list[str]]:
+    """(base, sources) pinned (`evomerge.references.pin`: absolute paths, hub ids at their commit), before
+    anything starts: a bad reference is one line here, not a worker's crash."""
+    from evomerge.references import pin
+
+    base, sources = given_models(config)
+    try:
+        return pin(base), [pin(s) for s in sources]
+    except EvomergeError as e:
+        raise ConfigError(f"models: {e}") from None
+
+
+def run_models(config: RunConfig, events: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The models of a run: those its journal recorded when it started (resume keeps the commits it began with,
+    even if a branch has moved since), else pinned now. A journal from before pinning keeps its references as
+    given (its recipes name them so)."""
+    start = next((e for e in events if e["event"] == "start"), None)
+    if start is None:
+        return resolve_models(config)
+    if "models" not in start:
+        return given_models(config)
+    return start["models"]["base"], list(start["models"]["sources"])
 
 
 def evaluator_spec(config: RunConfig) -> Any:
@@ -63,7 +84,9 @@ def evaluator_spec(config: RunConfig) -> Any:
         from evomerge.evaluate.lmeval import LMEvalSpec
 
         return LMEvalSpec(tasks=tuple(ev.tasks), include_path=ev.include_path, limit=ev.limit,
-                          subsample=ev.subsample, seed=config.seed, batch_size=ev.batch_size)  # fmt: skip
+                          subsample=ev.subsample, seed=config.seed, batch_size=ev.batch_size,
+                          apply_chat_template=ev.apply_chat_template, fewshot_as_multiturn=ev.multiturn,
+                          system_instruction=ev.system_instruction, gen_kwargs=ev.gen_kwargs)  # fmt: skip
     if ev.type == "digits":
         from evomerge.evaluate.digits import DigitsSpec
 
@@ -77,7 +100,8 @@ def backend_spec(config: RunConfig, base: str, sources: list[str]) -> Any:
     if config.evaluator.type == "function":
         return FunctionBackendSpec(config.evaluator.function, dict(config.evaluator.kwargs))
     return MergeBackendSpec(base, tuple(sources), evaluator_spec(config), device=config.device,
-                            pool_dtype=config.workers.pool_dtype, model_dtype=config.workers.model_dtype)  # fmt: skip
+                            pool_dtype=config.workers.pool_dtype, model_dtype=config.workers.model_dtype,
+                            pool_device=config.workers.pool_device)  # fmt: skip
 
 
 def objectives_of(config: RunConfig) -> list[Objective]:
@@ -267,14 +291,14 @@ def execute(
     observers: list[Observer] | None = None,
 ) -> tuple[SearchState, dict[str, Any]]:
     """Run (or continue) the search of `run_dir` to its budget."""
-    base, sources = resolve_models(config)
+    events = read_journal(run_dir / "journal.jsonl")
+    if events and not resume:
+        raise ConfigError(f"{run_dir}: already holds a run; use `evomerge resume {run_dir}`")
+    base, sources = run_models(config, events)
     objectives = Objectives(objectives_of(config))
     space = build_space(config, base, sources)
     strategy = build_strategy(config, space, objectives.items, run_dir)
     check_fidelity(config, strategy)
-    events = read_journal(run_dir / "journal.jsonl")
-    if events and not resume:
-        raise ConfigError(f"{run_dir}: already holds a run; use `evomerge resume {run_dir}`")
     fid_event = next((e for e in events if e["event"] == "fidelity"), None)
     if config.fidelity.reduced and fid_event is None and any(e["event"] == "ask" for e in events):
         raise ConfigError(
@@ -286,7 +310,23 @@ def execute(
         else None
     )
     state = replay(events, strategy, objectives, plan)
+    # The memory plan, before any worker loads a model: CPU workers here are checked against this machine's
+    # RAM before Ray starts; GPU workers (and a cluster's) once Ray can probe a node for them.
+    from evomerge.runtime import memory
+
+    probe = memory.probes(config, remote=address is not None)
+    if not probe:
+        memory.check_run(config, base, sources, space)
     started = init_ray(address, config)
+    try:
+        if probe:
+            memory.check_run(config, base, sources, space, remote=address is not None)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
     pool = WorkerPool(backend_spec(config, base, sources), count=config.workers.count,
                       num_cpus=config.workers.num_cpus, num_gpus=config.workers.num_gpus,
                       torch_threads=config.workers.torch_threads)  # fmt: skip
@@ -296,12 +336,15 @@ def execute(
         from evomerge.tracking import MLflowTracker
 
         tracker = MLflowTracker(run_dir, config, objectives=objectives.items, gene_names=space.names,
-                                resumed=bool(events))  # fmt: skip
+                                models={"base": base, "sources": sources}, resumed=bool(events))  # fmt: skip
         observers = [*(observers or []), tracker]
     try:
         with Journal(run_dir / "journal.jsonl") as journal:
-            journal.append({"event": "resume" if events else "start", "t": time.time(), "seed": config.seed,
-                            "config_hash": config.content_hash(), "version": evomerge.__version__})  # fmt: skip
+            mark = {"event": "resume" if events else "start", "t": time.time(), "seed": config.seed,
+                    "config_hash": config.content_hash(), "version": evomerge.__version__}  # fmt: skip
+            if not events:  # the pinned models: what resume and every worker use from now on
+                mark["models"] = {"base": base, "sources": sources}
+            journal.append(mark)
             if plan is None:  # a fresh run scored on fewer items: task sizes (and reference rows) first
                 fid_event = fidelity_event(config, pool, [base, *sources])
                 journal.append(fid_event)

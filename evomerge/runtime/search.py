@@ -209,11 +209,14 @@ class WorkerPool:
     ) -> None:
         import ray
 
+        from evomerge.references import hub_env
         from evomerge.runtime.worker import Worker
 
+        env = hub_env()  # where the driver found (and pinned) the hub models; never the token
         remote = ray.remote(Worker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0
-        )
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+            **({"runtime_env": {"env_vars": env}} if env else {}),
+        )  # fmt: skip
         self.actors = [remote.remote(backend, torch_threads) for _ in range(count)]
 
     def pids(self) -> list[int]:

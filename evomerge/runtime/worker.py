@@ -16,7 +16,6 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from evomerge.evaluate.base import Evaluation, EvaluationError, pack_samples
@@ -71,6 +70,7 @@ class MergeBackendSpec:
     device: str = "auto"
     pool_dtype: str = "float32"  # resident sources; merges accumulate in fp32 whatever this is
     model_dtype: str = "float32"  # the target model (what the evaluator runs)
+    pool_device: str = "auto"  # auto: the worker's device; cpu: (pinned) host memory, streamed per candidate
 
     def build(self) -> MergeBackend:
         return MergeBackend(self)
@@ -81,14 +81,17 @@ class MergeBackend:
         from evomerge.merge.engine import ResidentPool, parse_dtype
         from evomerge.merge.members import model_layout
         from evomerge.merge.target import load_target
+        from evomerge.references import locate
 
         self.device = resolve_device(spec.device)
         refs = list(dict.fromkeys([*spec.sources, spec.base]))  # the order `models:` recipes give (base last)
         pool_dtype = parse_dtype(spec.pool_dtype, "workers.pool_dtype")
-        self.pool = ResidentPool.from_refs(refs, base=spec.base, device=self.device, dtype=pool_dtype)
-        self.model, self.tokenizer = load_target(spec.base, self.device)
-        self.model.to(parse_dtype(spec.model_dtype, "workers.model_dtype"))
-        self.base_config = json.loads((Path(spec.base) / "config.json").read_text())
+        pool_device = self.device if spec.pool_device == "auto" else spec.pool_device
+        self.pool = ResidentPool.from_refs(refs, base=spec.base, device=pool_device, dtype=pool_dtype,
+                                           pin=pool_device == "cpu" and self.device != "cpu")  # fmt: skip
+        self.model, self.tokenizer = load_target(spec.base, "cpu")  # cast before the move: no fp32 copy there
+        self.model.to(parse_dtype(spec.model_dtype, "workers.model_dtype")).to(self.device)
+        self.base_config = json.loads((locate(spec.base) / "config.json").read_text())
         shapes = [{n: i.shape for n, i in self.pool.sources[r].tensors.items()} for r in spec.sources]
         self.layout = model_layout(self.model, shapes)  # flat order of model-space recipes
         self.evaluator = spec.evaluator.build()
@@ -104,7 +107,7 @@ class MergeBackend:
         """A tensor of a pool model, or of a stored member (model-space offspring) read from disk; the last
         few stored members stay loaded (a parent is usually used by several children in a row)."""
         if ref in self.pool.index:
-            return self.pool.read(ref, name)
+            return self.pool.fetch(ref, name, self.device)
         if ref not in self._members:
             from evomerge.checkpoints import Checkpoint
 
@@ -152,10 +155,10 @@ class MergeBackend:
             )
             if stacked:
                 members.apply_mixture_stacked(
-                    recipe, self.pool.stacked, self.pool.refs, self.model, self.layout
+                    recipe, self.pool.stacks_on(self.device), self.pool.refs, self.model, self.layout
                 )
             else:
-                members.apply_mixture(recipe, self.pool.read, self.model, self.layout)
+                members.apply_mixture(recipe, self.read, self.model, self.layout)
         elif isinstance(recipe, Offspring):
             members.build_offspring(recipe, self.read, self.model, self.layout)
             members.save_member(self.model, self.layout, recipe.save, self.base_config)

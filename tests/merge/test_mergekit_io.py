@@ -144,6 +144,28 @@ CONFIGS = {
           nuslerp_row_wise: true
         chat_template: auto
     """,
+    "union-tokenizer-block": """
+        models:
+          - model: ./instruct
+            parameters: {weight: 0.6}
+          - model: ./code
+            parameters: {weight: 0.4}
+        merge_method: task_arithmetic
+        base_model: ./base
+        tokenizer:
+          source: union
+          tokens:
+            <|im_start|>:
+              source: ./instruct
+            <|im_end|>:
+              source: {kind: model_token, model: ./instruct, token: </s>}
+              force: true
+            <tool>:
+              source: {kind: zero}
+            <x>: {}
+          pad_to_multiple_of: 64
+        chat_template: chatml
+    """,
     "model_stock-lora": """
         models:
           - model: ./e0
@@ -269,15 +291,15 @@ def test_unknown_method_suggests(tmp_path):
     ("data", "words"),
     [
         ({"merge_method": "linear", "modules": {"text_decoder": {"models": [{"model": "./a"}]}}}, "modules"),
-        (BASE | {"tokenizer": {"source": "union"}}, "tokenizer"),
-        (BASE | {"tokenizer_source": "union"}, "union"),
+        (BASE | {"tokenizer": {"source": "union"}, "tokenizer_source": "union"}, "not both"),
+        (BASE | {"tokenizer": {"tokens": {"<x>": {"source": {"kind": "mean"}}}}}, "kind: zero"),
         ({"merge_method": "linear"}, "models"),
         (BASE | {"slices": SLICES["slices"]}, "models"),
         (BASE | {"models": []}, "empty"),
         ({**SLICES, "slices": [{"sources": [{"model": "./a", "layer_range": [4, 2]}]}]}, "layer_range"),
         ({**SLICES, "slices": [{"sources": [{"model": "./a", "layer_range": [0, 4]}, {"model": "./b", "layer_range": [0, 2]}]}]}, "same number of layers"),
     ],
-    ids=["modules", "tokenizer-block", "union", "no-models", "models-and-slices", "empty-models", "reversed-range", "ragged-slice"],
+    ids=["modules", "tokenizer-both", "token-kind", "no-models", "models-and-slices", "empty-models", "reversed-range", "ragged-slice"],
 )  # fmt: skip
 def test_unsupported_or_malformed_is_clear(data, words):
     with pytest.raises(ConfigError, match=words):
