@@ -62,6 +62,7 @@ class LMEvalSpec:
     subsample: int | None = None
     seed: int = 0
     batch_size: int = 64
+    max_length: int | None = None  # HFLM's: longer requests are left-truncated (None: the model's context)
     device: str = "cpu"
     num_fewshot: int | None = None
     apply_chat_template: bool | str = False
@@ -223,9 +224,8 @@ class LMEvalEvaluator:
             )
         from lm_eval.models.huggingface import HFLM
 
-        self._lm = HFLM(
-            pretrained=model, tokenizer=tokenizer, batch_size=self.spec.batch_size, device=self.spec.device
-        )
+        self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.spec.batch_size,
+                        max_length=self.spec.max_length, device=self.spec.device)  # fmt: skip
         self._lm_key = key
         return self._lm
 

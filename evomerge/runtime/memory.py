@@ -18,8 +18,8 @@ Per worker, in bytes (`plan_memory`):
     activations  T x (2 hidden + (heads + 2 kv_heads) head_dim + 3 intermediate)
                  (one decoder layer's working set under no_grad: residual, normed input, q/k/v, the MLP's
                  gate, up and product; SDPA attention never materializes S x S)
-  This is a worst case: most tasks' requests are far shorter than the context length. The digits MLP's is
-  negligible (0).
+  This is a worst case: most tasks' requests are far shorter than the context length; `evaluator.max_length`
+  bounds it (lm-eval then left-truncates longer requests, so the plan holds). The digits MLP's is negligible (0).
 - CUDA context: `CUDA_CONTEXT` per GPU worker (CUDA runtime, cuBLAS workspace).
 
 Assumptions: the run's workers have their devices to themselves (the plan compares with total memory, not
@@ -309,12 +309,14 @@ def _fewer(mem: DeviceMemory, n: int) -> DeviceMemory:
     return replace(mem, workers_per_device=n, workers_per_node=per_node)
 
 
-def _largest_batch(infos: Any, cfg: Mapping[str, Any], s: Settings, mem: DeviceMemory) -> int | None:
-    """The largest batch size below the configured one that fits (None: not even 1)."""
-    lo, hi = 0, s.batch_size - 1
+def _largest_batch(infos: Any, cfg: Mapping[str, Any], s: Settings, mem: DeviceMemory,
+                   field: str = "batch_size") -> int | None:  # fmt: skip
+    """The largest batch size (or sequence length, `field="seq_len"`) below the configured one that fits
+    (None: not even 1)."""
+    lo, hi = 0, getattr(s, field) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _fits(plan_memory(infos, cfg, replace(s, batch_size=mid)), mem):
+        if _fits(plan_memory(infos, cfg, replace(s, **{field: mid})), mem):
             lo = mid
         else:
             hi = mid - 1
@@ -346,6 +348,8 @@ def fixes(infos: Any, cfg: Mapping[str, Any], s: Settings, mem: DeviceMemory) ->
     lm = s.evaluator == "lmeval"
     if lm and (batch := _largest_batch(infos, cfg, s, mem)):
         out.append(f"evaluator.batch_size: {batch} ({need(replace(s, batch_size=batch))})")
+    if lm and (length := _largest_batch(infos, cfg, s, mem, "seq_len")):
+        out.append(f"evaluator.max_length: {length} ({need(replace(s, seq_len=length))})")
     if out:
         return out
     least = replace(s, pool_dtype="bfloat16", pool_device="cpu" if s.gpu else s.pool_device)

@@ -84,7 +84,7 @@ def evaluator_spec(config: RunConfig) -> Any:
         from evomerge.evaluate.lmeval import LMEvalSpec
 
         return LMEvalSpec(tasks=tuple(ev.tasks), include_path=ev.include_path, limit=ev.limit,
-                          subsample=ev.subsample, seed=config.seed, batch_size=ev.batch_size,
+                          subsample=ev.subsample, seed=config.seed, batch_size=ev.batch_size, max_length=ev.max_length,
                           apply_chat_template=ev.apply_chat_template, fewshot_as_multiturn=ev.multiturn,
                           system_instruction=ev.system_instruction, gen_kwargs=ev.gen_kwargs)  # fmt: skip
     if ev.type == "digits":
@@ -102,6 +102,38 @@ def backend_spec(config: RunConfig, base: str, sources: list[str]) -> Any:
     return MergeBackendSpec(base, tuple(sources), evaluator_spec(config), device=config.device,
                             pool_dtype=config.workers.pool_dtype, model_dtype=config.workers.model_dtype,
                             pool_device=config.workers.pool_device)  # fmt: skip
+
+
+def check_chat_template(config: RunConfig, base: str) -> None:
+    """`apply_chat_template` needs a template in the target's tokenizer (the base's): checked from its files before
+    anything starts, not by every candidate failing on the workers."""
+    choice = config.evaluator.apply_chat_template
+    if config.evaluator.type != "lmeval" or not choice:
+        return
+    from evomerge.references import locate
+
+    names = chat_templates(locate(base))
+    if not names or (choice is not True and choice not in names):
+        have = f"its templates: {', '.join(sorted(names))}" if names else "it has none"
+        raise ConfigError(
+            f"evaluator.apply_chat_template: {choice!r} is not a chat template of the base's tokenizer {base} "
+            f"({have}); a search evaluates with the base's tokenizer: pick a base whose tokenizer has one, or drop it"
+        )
+
+
+def chat_templates(tokenizer_dir: Path) -> set[str]:
+    """The chat templates a saved tokenizer has, from its files alone ("default": its main one)."""
+    names = {"default"} if (tokenizer_dir / "chat_template.jinja").exists() else set()
+    names |= {p.stem for p in (tokenizer_dir / "additional_chat_templates").glob("*.jinja")}
+    try:
+        template = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        template = None
+    if isinstance(template, str):
+        names.add("default")
+    elif isinstance(template, list):
+        names |= {t["name"] for t in template if isinstance(t, dict) and "name" in t}
+    return names
 
 
 def objectives_of(config: RunConfig) -> list[Objective]:
@@ -295,6 +327,7 @@ def execute(
     if events and not resume:
         raise ConfigError(f"{run_dir}: already holds a run; use `evomerge resume {run_dir}`")
     base, sources = run_models(config, events)
+    check_chat_template(config, base)
     objectives = Objectives(objectives_of(config))
     space = build_space(config, base, sources)
     strategy = build_strategy(config, space, objectives.items, run_dir)

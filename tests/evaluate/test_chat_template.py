@@ -334,3 +334,33 @@ def test_a_cached_zoo_gains_the_template_and_keeps_everything_else(tmp_path):
     assert (
         root / "base" / "chat_template.jinja"
     ).stat().st_mtime_ns == mtime  # current files are not rewritten
+
+
+def test_a_run_whose_base_tokenizer_has_no_such_template_is_refused_before_anything_starts(tmp_path):
+    """The driver reads the base tokenizer's files: no template (or not that name) is one line, before Ray."""
+    import json
+
+    import pytest
+
+    from evomerge.config import parse_config
+    from evomerge.errors import ConfigError
+    from evomerge.runtime.run import chat_templates, check_chat_template
+
+    base = tmp_path / "base"
+    (base / "additional_chat_templates").mkdir(parents=True)
+    (base / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+
+    def config(choice):
+        return parse_config({"models": {"base": str(base), "sources": [str(base)]}, "budget": {"candidates": 1},
+                             "evaluator": {"type": "lmeval", "apply_chat_template": choice}}, "test")  # fmt: skip
+
+    assert chat_templates(base) == set()
+    with pytest.raises(ConfigError, match="it has none"):
+        check_chat_template(config(True), str(base))
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    assert chat_templates(base) == {"default", "tool_use"}
+    check_chat_template(config(True), str(base))
+    check_chat_template(config("tool_use"), str(base))
+    with pytest.raises(ConfigError, match="'rag' is not a chat template.*default, tool_use"):
+        check_chat_template(config("rag"), str(base))

@@ -131,6 +131,12 @@ def test_refusal_is_one_line_with_the_figures_and_what_would_fit(pool):
     assert f"has {mp.fmt_bytes(gpu.per_worker)} (test GPU, 4 workers per GPU)" in message
     assert "workers.num_gpus: 0.333 (3 per GPU)" in message
     assert "evaluator.batch_size: " in message
+    length = int(message.split("evaluator.max_length: ")[1].split()[0])  # shorter requests fit too
+    assert 0 < length < settings.seq_len
+    bounded = parse_config({**_config(pool, batch=256, count=4, num_gpus=0.25), "evaluator": {
+        "type": "lmeval", "tasks": ["zoo_search"], "batch_size": 256, "max_length": length}}, "run.yaml")  # fmt: skip
+    assert mp.run_settings(bounded, model_config).seq_len == length
+    mp.check_run(bounded, base, sources, memory=gpu)
     assert mp.check_run(cfg, base, sources, memory=mp.DeviceMemory("cuda", 4 * plan.device_bytes, 4)) == plan
     assert (
         mp.check_run(cfg, base, sources, memory=mp.DeviceMemory("cuda", None, 4)) == plan
