@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import CheckpointError
 
@@ -104,10 +106,27 @@ def pin(ref: str, *, allow_pickle: bool = False) -> str:
                 raise CheckpointError(
                     f"{part}: no such model directory, and not a hub id (org/name or org/name@revision)"
                 )
-            pinned.append(str(Path(part).resolve()))
+            pinned.append(os.path.abspath(part))  # absolute, symlinks kept as the user named them
         else:
             pinned.append(f"{hub.repo_id}@{_snapshot(hub, allow_pickle=allow_pickle).name}")
     return "+".join(pinned)
+
+
+MODEL_KEYS = ("model", "base_model", "tokenizer_source", "source")  # where mergekit YAML names a model
+
+
+def pin_names(data: Any, refs: Iterable[str], *, allow_pickle: bool = False) -> Any:
+    """A recipe dict (mergekit YAML) with each of `refs` pinned wherever it names a model: what an output's
+    `evomerge_recipe.yaml` records so that it rebuilds the same tensors anywhere, later."""
+    pinned = {r: pin(r, allow_pickle=allow_pickle) for r in refs}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: pinned.get(v, v) if k in MODEL_KEYS and isinstance(v, str) else walk(v)
+                    for k, v in node.items()}  # fmt: skip
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(data)
 
 
 def display_name(ref: str) -> str:

@@ -51,7 +51,7 @@ from evomerge.merge.tokenizer import (
     save_tokenizer,
     tokenizer_spec,
 )
-from evomerge.references import locate
+from evomerge.references import locate, pin_names
 
 LAYER = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
@@ -519,9 +519,12 @@ def merge_to_dir(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _copy_side_files(plan_, sources, tmp, recipe.chat_template)
-        from evomerge.merge.mergekit_io import dump_recipe_yaml
+        from evomerge.merge.mergekit_io import dump_recipe_yaml, recipe_from_dict
 
-        (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(recipe))
+        pinned = recipe_from_dict(
+            pin_names(recipe.to_dict(), sources, allow_pickle=allow_pickle)
+        )  # hub ids at their commit, absolute paths
+        (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(pinned))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
