@@ -89,7 +89,9 @@ class EvaluatorConfig(_Strict):
     limit: int | float | None = None
     subsample: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    max_length: int | None = Field(default=None, ge=1)  # lm-eval's: requests truncated to it; the memory plan's length
+    max_length: int | None = Field(
+        default=None, ge=1
+    )  # lm-eval's: requests truncated to it; the memory plan's length
     apply_chat_template: bool | str = False
     fewshot_as_multiturn: bool | None = None
     system_instruction: str | None = None

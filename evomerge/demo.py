@@ -32,16 +32,17 @@ def compare_on_test(
 
     from evomerge.evaluate.lmeval import LMEvalSpec
     from evomerge.merge.engine import ResidentPool, apply_in_place
+    from evomerge.references import locate
 
     torch.set_num_threads(2)
     test = LMEvalSpec(tasks=("zoo",), batch_size=128).build()
     val = LMEvalSpec(tasks=("zoo_search",), batch_size=128).build()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(locate(base))
+    model = AutoModelForCausalLM.from_pretrained(locate(base), dtype=torch.float32).eval()
     pool = ResidentPool.from_refs([*experts, base])
     rows = []
     for label, path in [("base", base)] + [(Path(e).name, e) for e in experts]:
-        single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        single = AutoModelForCausalLM.from_pretrained(locate(path), dtype=torch.float32).eval()
         rows.append((label, test.evaluate(single, tokenizer).scores))
     tuned = []
     for lam in LAMBDAS:

@@ -179,6 +179,7 @@ def evaluator_options(ev: Any) -> dict[str, Any]:
         "fewshot_as_multiturn": ev.multiturn,
         "system_instruction": ev.system_instruction,
         "gen_kwargs": dict(ev.gen_kwargs) if ev.gen_kwargs else None,
+        "max_length": ev.max_length,  # longer requests were truncated to it
     }
 
 
@@ -198,6 +199,8 @@ def prompt_line(ev: Any) -> str:
         said.append(f"system instruction {json.dumps(opts['system_instruction'])}")
     if opts["gen_kwargs"]:
         said.append(f"generation kwargs {json.dumps(opts['gen_kwargs'], sort_keys=True)}")
+    if opts["max_length"]:
+        said.append(f"requests truncated to {opts['max_length']} tokens")
     return "; ".join(said) + "."
 
 

@@ -52,7 +52,7 @@ def parse_hub(ref: str) -> HubRef | None:
     if Path(ref).exists():
         return None
     repo_id, at, revision = ref.partition("@")
-    if not HUB_ID.match(repo_id) or (at and not revision) or "@" in revision:
+    if not HUB_ID.match(repo_id) or (at and not revision) or "@" in revision or "+" in revision:
         return None
     return HubRef(repo_id, revision or None)
 
@@ -143,9 +143,11 @@ def display_name(ref: str) -> str:
 
 
 def hub_id(ref: str) -> str:
-    """What the Hub's `base_model` field takes: `org/name` for a hub model, the reference itself otherwise."""
-    hub = parse_hub(ref)
-    return hub.repo_id if hub is not None else ref
+    """What the Hub's `base_model` field takes: `org/name` of a hub model (the model of `model+adapter`), the
+    reference itself otherwise."""
+    model = parts(ref)[0]
+    hub = parse_hub(model)
+    return hub.repo_id if hub is not None else model
 
 
 def _snapshot(hub: HubRef, *, allow_pickle: bool) -> Path:
@@ -159,7 +161,12 @@ def _snapshot(hub: HubRef, *, allow_pickle: bool) -> Path:
             hub.repo_id, revision=hub.revision, cache_dir=str(hub_cache()), allow_patterns=patterns,
             local_files_only=offline(),
         )  # fmt: skip
-    except errors.LocalEntryNotFoundError as e:  # offline, or the hub unreachable, and not (fully) cached
+    except errors.IncompleteSnapshotError as e:  # cached, but without some files a merge needs
+        raise CheckpointError(
+            f"{hub}: the cached snapshot lacks files a merge needs ({str(e).splitlines()[0]}); fetch them "
+            f"(`hf download {hub.repo_id}`{f' --revision {hub.revision}' if hub.revision else ''}) or go online"
+        ) from None
+    except errors.LocalEntryNotFoundError as e:  # offline, or the hub unreachable, and not cached
         raise CheckpointError(_not_cached(hub, e)) from None
     except errors.GatedRepoError:
         raise CheckpointError(
@@ -169,7 +176,8 @@ def _snapshot(hub: HubRef, *, allow_pickle: bool) -> Path:
         raise CheckpointError(f"{hub}: revision {hub.revision!r} not found on the hub") from None
     except errors.RepositoryNotFoundError:
         raise CheckpointError(
-            f"{hub}: no such model on the hub (a private one needs HF_TOKEN or `hf auth login`)"
+            f"{hub}: no local directory of that name and no such model on the hub (a private one needs HF_TOKEN "
+            "or `hf auth login`)"
         ) from None
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
         first_line = str(e).splitlines()[0] if str(e) else ""
@@ -187,7 +195,8 @@ def _not_cached(hub: HubRef, error: Exception) -> str:
     repo = cache / f"models--{hub.repo_id.replace('/', '--')}"
     why = "HF_HUB_OFFLINE is set" if offline() else f"the hub is unreachable ({type(error).__name__})"
     if not repo.is_dir():
-        return f"{hub}: not in the hub cache {cache} and {why}; fetch it first (`hf download {hub.repo_id}`)"
+        return (f"{hub}: no local directory of that name, not in the hub cache {cache}, and {why}; fetch it first "
+                f"(`hf download {hub.repo_id}`) or fix the path")  # fmt: skip
     cached = [p.name for p in sorted((repo / "refs").glob("*"))] + [
         p.name[:7] for p in sorted((repo / "snapshots").glob("*"))
     ]

@@ -64,7 +64,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +74,7 @@ import evomerge
 from evomerge.config import Objective, RunConfig, load_config
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.merge.recipe import Recipe
+from evomerge.references import display_name
 from evomerge.runtime.search import Observer, SearchState
 from evomerge.strategies.base import Candidate
 
@@ -132,10 +133,6 @@ def _fmt(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)[:6000]
 
 
-def _label(ref: str) -> str:
-    return "+".join(PurePath(part.rstrip("/")).name or part for part in ref.split("+"))
-
-
 def _layers(layer_range: Sequence[int]) -> str:
     a, b = int(layer_range[0]), int(layer_range[1])
     return f"layers{a}-{b - 1}" if b - a > 1 else f"layers{a}"
@@ -145,13 +142,13 @@ def _flatten_model_space(d: dict[str, Any]) -> dict[str, str]:
     """A model-space recipe as a few params: a mixture's size-weighted mean coefficient per model and its
     segment count (the exact coefficients are in the journal); an offspring's crossover settings."""
     if d["kind"] == "offspring":
-        out = {f"parent{i}": _label(p) for i, p in enumerate(d["parents"])}
+        out = {f"parent{i}": display_name(p) for i, p in enumerate(d["parents"])}
         out.update({k: _fmt(d[k]) for k in ("weight", "split", "noise_std") if d.get(k) is not None})
         return out
     starts = np.asarray(d["starts"], dtype=np.float64)
     lengths = np.diff(np.append(starts, d["size"]))
     means = lengths @ np.asarray(d["coefficients"], dtype=np.float64) / d["size"]
-    out = {f"{_key(_label(m))}.weight_mean": _fmt(float(v)) for m, v in zip(d["models"], means)}
+    out = {f"{_key(display_name(m))}.weight_mean": _fmt(float(v)) for m, v in zip(d["models"], means)}
     out["segments"] = str(len(starts))
     return out
 
@@ -170,7 +167,7 @@ def flatten_recipe(recipe: Recipe | dict[str, Any]) -> dict[str, str]:
     refs += [m["model"] for m in d.get("models") or []]
     refs += [src["model"] for s in d.get("slices") or [] for src in s["sources"]]
     refs = list(dict.fromkeys(refs))
-    short = [_label(r) for r in refs]
+    short = [display_name(r) for r in refs]
     labels = {
         r: (f"{lab}_{i}" if short.count(lab) > 1 else lab) for i, (r, lab) in enumerate(zip(refs, short))
     }

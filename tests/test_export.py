@@ -38,8 +38,10 @@ def run_dir(zoo, local_ray, tmp_path_factory) -> Path:
     cwd = zoo["base"].parent.parent
     data = {
         "name": "export-test",
-        "models": {"base": str(zoo["base"].relative_to(cwd)),
-                   "sources": [str(Path(s).relative_to(cwd)) for s in _sources(zoo)]},  # fmt: skip
+        "models": {
+            "base": str(zoo["base"].relative_to(cwd)),
+            "sources": [str(Path(s).relative_to(cwd)) for s in _sources(zoo)],
+        },  # fmt: skip
         "space": {"type": "task_vector", "low": 0.0, "high": 1.2},
         "strategy": {"name": "random"},
         "evaluator": {"type": "lmeval", "tasks": ["zoo_search"], "subsample": 20},

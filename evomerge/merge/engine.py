@@ -483,10 +483,16 @@ def merge_to_dir(
     on_tensor: Callable[[TensorJob], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> Path:
-    """Stream a merge into an HF model directory (sharded safetensors, config, tokenizer)."""
+    """Stream a merge into an HF model directory (sharded safetensors, config, tokenizer). Its models are pinned
+    first (hub ids at their commit, absolute paths): what is merged is what its evomerge_recipe.yaml records."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: output directory already exists (use --force to replace it)")
+    from evomerge.merge.mergekit_io import dump_recipe_yaml, recipe_from_dict
+
+    recipe = recipe_from_dict(
+        pin_names(recipe.to_dict(), recipe.referenced_models(), allow_pickle=allow_pickle)
+    )
     sources = open_recipe_sources(recipe, allow_pickle=allow_pickle)
     plan_ = plan(recipe, sources, out_dtype=parse_dtype(dtype, "--dtype"), truncate_vocab=truncate_vocab)
     if on_plan:
@@ -519,12 +525,7 @@ def merge_to_dir(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _copy_side_files(plan_, sources, tmp, recipe.chat_template)
-        from evomerge.merge.mergekit_io import dump_recipe_yaml, recipe_from_dict
-
-        pinned = recipe_from_dict(
-            pin_names(recipe.to_dict(), sources, allow_pickle=allow_pickle)
-        )  # hub ids at their commit, absolute paths
-        (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(pinned))
+        (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(recipe))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -113,7 +113,7 @@ def check_chat_template(config: RunConfig, base: str) -> None:
     from evomerge.references import locate
 
     names = chat_templates(locate(base))
-    if not names or (choice is not True and choice not in names):
+    if (choice is True and "default" not in names) or (choice is not True and choice not in names):
         have = f"its templates: {', '.join(sorted(names))}" if names else "it has none"
         raise ConfigError(
             f"evaluator.apply_chat_template: {choice!r} is not a chat template of the base's tokenizer {base} "

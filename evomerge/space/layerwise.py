@@ -31,6 +31,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Conditional, Parameters, Recipe, Setting, Slice, SliceSource, resolve
+from evomerge.references import display_name
 from evomerge.space.base import Space
 
 if TYPE_CHECKING:
@@ -45,11 +46,6 @@ DEFAULT_FILTER = "*"
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _label(ref: str) -> str:
-    """A short readable name for a model reference: its directory name (`a+b` for a LoRA reference)."""
-    return "+".join(PurePath(part.rstrip("/")).name or part for part in ref.split("+"))
-
-
 def source_labels(
     sources: Sequence[str | PurePath] | Mapping[str, str | PurePath],
 ) -> tuple[list[str], list[str]]:
@@ -61,7 +57,7 @@ def source_labels(
         raise ConfigError(f"sources must be a list of model paths (got the single path {str(sources)!r})")
     else:
         refs = [str(s) for s in sources]
-        labels = [_label(r) for r in refs]
+        labels = [display_name(r) for r in refs]
         labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
     if not refs:
         raise ConfigError("sources: at least one model is needed")
@@ -160,7 +156,7 @@ class LayerwiseSpace(Space):
         self.base_apart = self.base is not None and m.base != "input"
         """The base is passed to the method apart from the genome models (and carries no genes)."""
         if self.base is not None and not self.base_apart:
-            labels, refs = [*labels, _label(self.base)], [*refs, self.base]
+            labels, refs = [*labels, display_name(self.base)], [*refs, self.base]
             if labels.count(labels[-1]) > 1:
                 labels[-1] = f"{labels[-1]}#base"
         self.labels, self.models = tuple(labels), tuple(refs)

@@ -279,11 +279,11 @@ def _card(tmp_path: Path, evaluator: dict) -> str:
 
 
 def test_model_card_records_the_prompt_options(tmp_path):
-    text = _card(tmp_path, {"tasks": ["zoo_rev"], **CHAT})
+    text = _card(tmp_path, {"tasks": ["zoo_rev"], "max_length": 48, **CHAT})
     meta = yaml.safe_load(text.split("---\n")[1])["evomerge"]["evaluator"]
     assert meta == {"type": "lmeval", "tasks": ["zoo_rev"], "apply_chat_template": True,
                     "chat_template": "tokenizer default", "fewshot_as_multiturn": True,
-                    "system_instruction": SYSTEM, "gen_kwargs": GEN_KWARGS}  # fmt: skip
+                    "system_instruction": SYSTEM, "gen_kwargs": GEN_KWARGS, "max_length": 48}  # fmt: skip
     assert "Prompts: the tokenizer's chat template, few-shot examples as multi-turn chat" in text
     assert f'system instruction "{SYSTEM}"' in text and 'generation kwargs {"max_gen_toks": 4}' in text
 
