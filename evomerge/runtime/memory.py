@@ -20,6 +20,8 @@ Per worker, in bytes (`plan_memory`):
                  gate, up and product; SDPA attention never materializes S x S)
   This is a worst case: most tasks' requests are far shorter than the context length; `evaluator.max_length`
   bounds it (lm-eval then left-truncates longer requests, so the plan holds). The digits MLP's is negligible (0).
+- merge working set: a non-linear method (TIES, DARE, SLERP, ...: any space but task_vector and model) merges
+  each tensor from its K inputs gathered in fp32, plus the result: (K + 1) x numel x 4 of the largest tensor.
 - CUDA context: `CUDA_CONTEXT` per GPU worker (CUDA runtime, cuBLAS workspace).
 
 Assumptions: the run's workers have their devices to themselves (the plan compares with total memory, not
@@ -52,6 +54,10 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 CUDA_CONTEXT = GiB // 2  # per GPU worker process
+LINEAR_SPACES = (
+    "task_vector",
+    "model",
+)  # their candidates: one matrix-vector product per tensor, no working set
 DEFAULT_CONTEXT = 2048  # lm-eval's max_length when a config names none
 ASSUMED_BANDWIDTH = {"cuda": 2.0e12, "cpu": 1.0e10}  # bytes read + written per second, when not measured
 ASSUMED_PCIE = 2.5e10  # pinned host -> device, PCIe 4.0 x16 in practice
@@ -179,6 +185,7 @@ class Settings:
     max_depth: int | None = None  # deepest layer-stacking target (data-flow space); None: no stacking
     gpu: bool = False  # GPU workers (else the device is the host)
     evaluator: str = "lmeval"
+    linear: bool = True  # candidates are linear combinations of the pool (task_vector, model spaces)
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ class MemoryPlan:
     headroom: dict[str, int] = field(default_factory=dict)
     stream: int = 0  # on the GPU: one streamed stack (pool_device: cpu)
     context: int = 0  # CUDA context
+    merge: int = 0  # a non-linear method's fp32 working set for the largest tensor
 
     @property
     def pool_on_host(self) -> bool:
@@ -201,7 +209,8 @@ class MemoryPlan:
     def device_bytes(self) -> int:
         """What the worker's device holds (the host's RAM for CPU workers)."""
         pool = 0 if self.pool_on_host else self.pool
-        return pool + self.target + self.stacking + sum(self.headroom.values()) + self.stream + self.context
+        held = self.target + self.stacking + sum(self.headroom.values()) + self.stream + self.context
+        return pool + held + self.merge
 
     @property
     def host_bytes(self) -> int:
@@ -222,9 +231,12 @@ def plan_memory(infos: Mapping[str, Mapping[str, TensorInfo]], model_config: Map
         if s.evaluator == "lmeval"
         else {}
     )
+    k = len(infos)  # a non-linear method merges from its K inputs in fp32, plus the result
+    work = 0 if s.linear else largest // DTYPES[s.pool_dtype].itemsize * 4 * (k + 1) // k
     return MemoryPlan(
         s, pool, target_bytes(base_infos, model_dtype), stacking_bytes(base_infos, model_dtype, s.max_depth),
         headroom, stream=largest if s.gpu and s.pool_device == "cpu" else 0, context=CUDA_CONTEXT if s.gpu else 0,
+        merge=work,
     )  # fmt: skip
 
 
@@ -294,6 +306,8 @@ def breakdown(plan: MemoryPlan) -> str:
         )
     if plan.stream:
         parts.append(f"stream buffer {fmt_bytes(plan.stream)}")
+    if plan.merge:
+        parts.append(f"merge working set {fmt_bytes(plan.merge)}")
     if plan.context:
         parts.append(f"CUDA context {fmt_bytes(plan.context)}")
     return " + ".join(parts)
@@ -309,14 +323,13 @@ def _fewer(mem: DeviceMemory, n: int) -> DeviceMemory:
     return replace(mem, workers_per_device=n, workers_per_node=per_node)
 
 
-def _largest_batch(infos: Any, cfg: Mapping[str, Any], s: Settings, mem: DeviceMemory,
-                   field: str = "batch_size") -> int | None:  # fmt: skip
-    """The largest batch size (or sequence length, `field="seq_len"`) below the configured one that fits
-    (None: not even 1)."""
-    lo, hi = 0, getattr(s, field) - 1
+def _largest(infos: Any, cfg: Mapping[str, Any], s: Settings, mem: DeviceMemory, setting: str) -> int | None:
+    """The largest value below the configured one of `setting` (batch_size or seq_len) that fits (None: not
+    even 1)."""
+    lo, hi = 0, getattr(s, setting) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _fits(plan_memory(infos, cfg, replace(s, **{field: mid})), mem):
+        if _fits(plan_memory(infos, cfg, replace(s, **{setting: mid})), mem):
             lo = mid
         else:
             hi = mid - 1
@@ -346,26 +359,33 @@ def fixes(infos: Any, cfg: Mapping[str, Any], s: Settings, mem: DeviceMemory) ->
             out.append(f"{what} ({need(s)})")
             break
     lm = s.evaluator == "lmeval"
-    if lm and (batch := _largest_batch(infos, cfg, s, mem)):
+    if lm and (batch := _largest(infos, cfg, s, mem, "batch_size")):
         out.append(f"evaluator.batch_size: {batch} ({need(replace(s, batch_size=batch))})")
-    if lm and (length := _largest_batch(infos, cfg, s, mem, "seq_len")):
+    if lm and (length := _largest(infos, cfg, s, mem, "seq_len")):
         out.append(f"evaluator.max_length: {length} ({need(replace(s, seq_len=length))})")
     if out:
         return out
     least = replace(s, pool_dtype="bfloat16", pool_device="cpu" if s.gpu else s.pool_device)
+    if (
+        lm and s.seq_len > DEFAULT_CONTEXT
+    ):  # a long context is the usual culprit: requests of lm-eval's default
+        least = replace(least, seq_len=DEFAULT_CONTEXT)
     alone = _fewer(mem, 1)
-    batch = _largest_batch(infos, cfg, replace(least, batch_size=s.batch_size + 1), alone) if lm else None
+    batch = (
+        _largest(infos, cfg, replace(least, batch_size=s.batch_size + 1), alone, "batch_size") if lm else None
+    )
     if batch or (not lm and fit(least, alone)):
         combo = [] if s.pool_dtype == "bfloat16" else ["workers.pool_dtype: bfloat16"]
         combo += ["workers.pool_device: cpu"] if s.gpu and s.pool_device != "cpu" else []
         combo += (
             [] if mem.workers_per_device == 1 else ["workers.num_gpus: 1" if s.gpu else "one worker per node"]
         )
+        combo += [f"evaluator.max_length: {least.seq_len}"] if least.seq_len != s.seq_len else []
         combo += [f"evaluator.batch_size: {batch}"] if batch else []
         return [" + ".join(combo) + f" ({need(replace(least, batch_size=batch or s.batch_size))})"]
     floor = plan_memory(infos, cfg, replace(least, batch_size=1))
-    return [f"none (a bf16 pool at batch 1 still needs {fmt_bytes(floor.device_bytes)}): use fewer sources or a "
-            "larger device"]  # fmt: skip
+    return [f"none (a bf16 pool at batch 1 x {least.seq_len} tokens still needs {fmt_bytes(floor.device_bytes)}): "
+            "use fewer sources, a shorter evaluator.max_length or a larger device"]  # fmt: skip
 
 
 def refusal(plan: MemoryPlan, mem: DeviceMemory, infos: Any, cfg: Mapping[str, Any]) -> str | None:
@@ -403,10 +423,11 @@ def run_settings(config: Any, model_config: Mapping[str, Any], space: Any = None
     ev, w = config.evaluator, config.workers
     if ev.type == "function":
         return None
-    seq = getattr(ev, "max_length", None) or context_length(model_config)
+    seq = ev.max_length or context_length(model_config)
     gpu = w.num_gpus > 0 and not config.device.startswith("cpu")
-    return Settings(w.pool_dtype, w.model_dtype, getattr(w, "pool_device", "auto"), ev.batch_size, seq,
-                    getattr(space, "n_slots", None), gpu, ev.type)  # fmt: skip
+    linear = config.space.type in LINEAR_SPACES
+    return Settings(w.pool_dtype, w.model_dtype, w.pool_device, ev.batch_size, seq,
+                    getattr(space, "n_slots", None), gpu, ev.type, linear)  # fmt: skip
 
 
 def host_memory() -> int:

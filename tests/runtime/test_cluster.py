@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,31 @@ def test_cluster_configs_are_valid():
     job = yaml.safe_load((root / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and "--address auto" in job["spec"]["entrypoint"]
     assert "evomerge resume" in job["spec"]["entrypoint"]
+
+
+def test_the_example_search_fits_the_example_clusters_gpus():
+    """configs/cluster/search.yaml on configs/cluster/aws-gpu.yaml's g5.12xlarge (4 x A10G 24 GiB, 192 GiB RAM):
+    the memory plan of Qwen2.5-1.5B-shaped models (from their config, as the headers would list them) fits."""
+    from evomerge.config import load_config
+    from evomerge.references import parse_hub
+    from evomerge.runtime import memory as mp
+
+    cfg = load_config(Path(__file__).parents[2] / "configs/cluster/search.yaml")
+    assert all(
+        parse_hub(m).revision and len(parse_hub(m).revision) == 40
+        for m in [cfg.models.base, *cfg.models.sources]
+    )
+    qwen = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+            "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 131072}  # fmt: skip
+    infos = {m: mp.llama_infos(qwen) for m in [*cfg.models.sources, cfg.models.base]}
+    settings = mp.run_settings(cfg, qwen)
+    assert settings.gpu and settings.seq_len == cfg.evaluator.max_length
+    plan = mp.plan_memory(infos, qwen, settings)
+    a10g = mp.DeviceMemory(
+        "cuda", 24 * mp.GiB, workers_per_device=1, host_total=192 * mp.GiB, workers_per_node=4
+    )
+    assert not mp.shortfalls(plan, a10g), mp.breakdown(plan)
+    unbounded = mp.plan_memory(infos, qwen, replace(settings, seq_len=131072))  # without max_length: refused
+    assert mp.shortfalls(unbounded, a10g) and "evaluator.max_length" in mp.refusal(
+        unbounded, a10g, infos, qwen
+    )

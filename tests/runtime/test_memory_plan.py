@@ -306,3 +306,18 @@ def test_llama_infos_have_llama_2_7b_parameter_count():
            "vocab_size": 32000}  # fmt: skip
     infos = mp.llama_infos(cfg)
     assert sum(math.prod(i.shape) for i in infos.values()) == 6_738_415_616
+
+
+def test_a_non_linear_space_plans_its_merge_working_set(pool):
+    """TIES & co. gather a tensor's K inputs in fp32 plus the result: (K + 1) x numel x 4 of the largest one."""
+    base, sources = str(pool["base"]), _refs(pool, "e0", "e1", "e2")
+    infos = mp.pool_infos(base, sources)
+    model_config = Checkpoint(base).config
+    linear = mp.run_settings(parse_config(_config(pool), "run.yaml"), model_config)
+    layerwise = parse_config({**_config(pool), "space": {"type": "layerwise", "method": "ties"}}, "run.yaml")
+    tied = mp.run_settings(layerwise, model_config)
+    assert linear.linear and not tied.linear
+    numel = max(math.prod(i.shape) for i in infos[base].values())
+    assert mp.plan_memory(infos, model_config, linear).merge == 0
+    plan = mp.plan_memory(infos, model_config, tied)
+    assert plan.merge == (len(infos) + 1) * numel * 4 and "merge working set" in mp.breakdown(plan)
