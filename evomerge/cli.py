@@ -266,6 +266,8 @@ def plan(
     from evomerge.runtime import memory as mp
     from evomerge.runtime.run import build_space, resolve_models
 
+    if workers is not None and workers < 1:
+        _fail(f"--workers: at least 1 (got {workers})")
     try:
         cfg = load_config(config)
         if workers is not None:
@@ -324,9 +326,13 @@ def _plan_memory(cfg: Any, settings: Any, address: str | None, gpu_memory: str |
     if address is not None:
         import ray
 
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
             mem = mp.probe_memory(cfg, measure=True)
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+            _fail(
+                f"--address {address}: cannot probe the cluster ({type(e).__name__}: {str(e).splitlines()[0]})"
+            )
         finally:
             ray.shutdown()
         if mem is not None:

@@ -26,16 +26,12 @@ from evomerge.errors import CheckpointError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
-NEEDED_FILES = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.json",
-    "*.jinja",
-    "tokenizer.model",
-    "*.txt",
-    "README.md",
-]  # fmt: skip  (configs, tokenizer, vocab/merges, chat templates, the card's license)
+# What a merge reads, at the top of the repo only (`*/*`: no `original/` checkpoints or other subfolders): weights,
+# configs, tokenizer and vocab/merges files, chat templates, the card (its license). Mistral's `consolidated.*`
+# duplicates the weights in its own format.
+NEEDED_FILES = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt", "README.md"]
 PICKLED_FILES = ["*.bin", "*.pt", "*.pth"]
+SKIPPED_FILES = ["*/*", "consolidated*"]
 
 
 @dataclass(frozen=True)
@@ -62,23 +58,29 @@ def parts(ref: str) -> list[str]:
     return [ref] if "+" not in ref or Path(ref).exists() else ref.split("+", 1)
 
 
+CACHE_ENV = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+MODE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")
+
+
 def hub_cache() -> Path:
-    """The hub cache huggingface_hub uses: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
-HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")
+    """The hub cache huggingface_hub uses: HF_HUB_CACHE (or its old name), else HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+        cache = os.path.join(home, "hub")
+    return Path(os.path.expandvars(cache)).expanduser()
 
 
 def hub_env() -> dict[str, str]:
     """The driver's hub settings that workers must share to find the same snapshots (a cache on shared storage,
-    offline mode): passed to the Ray workers. The token is not among them: each node logs in on its own."""
-    return {k: os.environ[k] for k in HUB_ENV if k in os.environ}
+    offline mode), for the Ray workers: the cache as an absolute path (a worker's working directory differs), only
+    when the driver chose one. The token is not among them: a node that must download a gated model logs in."""
+    env = {k: os.environ[k] for k in MODE_ENV if k in os.environ}
+    if any(k in os.environ for k in CACHE_ENV):
+        env["HF_HUB_CACHE"] = os.path.abspath(hub_cache())
+    return env
 
 
 def offline() -> bool:
@@ -155,12 +157,16 @@ def _snapshot(hub: HubRef, *, allow_pickle: bool) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
-    patterns = NEEDED_FILES + (PICKLED_FILES if allow_pickle else [])
-    try:
-        folder = huggingface_hub.snapshot_download(
+    def fetch(patterns: list[str]) -> Path:
+        return Path(huggingface_hub.snapshot_download(
             hub.repo_id, revision=hub.revision, cache_dir=str(hub_cache()), allow_patterns=patterns,
-            local_files_only=offline(),
-        )  # fmt: skip
+            ignore_patterns=SKIPPED_FILES, local_files_only=offline(),
+        ))  # fmt: skip
+
+    try:
+        path = fetch(NEEDED_FILES)
+        if allow_pickle and not any(path.glob("*.safetensors")):  # pickles only where there is nothing else
+            path = fetch(NEEDED_FILES + PICKLED_FILES)
     except errors.IncompleteSnapshotError as e:  # cached, but without some files a merge needs
         raise CheckpointError(
             f"{hub}: the cached snapshot lacks files a merge needs ({str(e).splitlines()[0]}); fetch them "
@@ -184,7 +190,6 @@ def _snapshot(hub: HubRef, *, allow_pickle: bool) -> Path:
         raise CheckpointError(
             f"{hub}: cannot fetch from the hub ({type(e).__name__}: {first_line})"
         ) from None
-    path = Path(folder)
     _check_weights(hub, path, allow_pickle)
     return path
 

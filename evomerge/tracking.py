@@ -523,11 +523,16 @@ def _gene_names(run_dir: Path, config: RunConfig) -> list[str]:
     if state.get("gene_names"):
         return list(state["gene_names"])
     try:
+        from evomerge.runtime.journal import read_journal
         from evomerge.runtime.run import build_space
 
-        if config.models.zoo is not None:
-            return []  # would build the zoo
-        return list(build_space(config, config.models.base, list(config.models.sources)).names)
+        start = next(
+            (e for e in read_journal(run_dir / "journal.jsonl", repair=False) if e["event"] == "start"), {}
+        )
+        if "models" not in start:
+            return []  # the models would be resolved (or a zoo built) again here
+        models = start["models"]  # as the run pinned them
+        return list(build_space(config, models["base"], list(models["sources"])).names)
     except Exception:  # noqa: BLE001 - the names are a nicety; genes fall back to their index
         return []
 

@@ -115,7 +115,7 @@ def test_export_writes_sharded_model_card_recipe_and_mergekit_yaml(exported, run
     assert ev["run_dir"] == str(run_dir.resolve())
     assert ev["evaluator"] == {"type": "lmeval", "tasks": ["zoo_search"], "apply_chat_template": False,
                                "chat_template": None, "fewshot_as_multiturn": False,
-                               "system_instruction": None, "gen_kwargs": None}  # fmt: skip
+                               "system_instruction": None, "gen_kwargs": None, "max_length": None}  # fmt: skip
     assert meta["tags"] == ["merge", "evomerge", "mergekit"]
     assert meta["merge_method"] == "task_arithmetic"
     assert set(meta["base_model"]) == set(_sources_of(meta)) | {meta["merge_base"]}

@@ -170,3 +170,38 @@ def _write_lora(out: Path, base: Path) -> None:
          f"{prefix}.lora_B.weight": torch.randn(q.shape[0], 2, generator=g)},
         str(out / "adapter_model.safetensors"),
     )  # fmt: skip
+
+
+def test_workers_get_the_drivers_cache_as_an_absolute_path_and_offline_mode_but_never_the_token(
+    tmp_path, monkeypatch
+):
+    from evomerge.references import hub_cache, hub_env
+
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert hub_env() == {} and hub_cache() == Path("~/.cache/huggingface/hub").expanduser()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", "hf-home")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_env() == {"HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
+def test_a_run_uses_the_models_its_journal_recorded_and_an_older_journal_keeps_its_references_as_given(
+    pool, monkeypatch
+):
+    from evomerge.config import parse_config
+    from evomerge.runtime.run import run_models
+
+    monkeypatch.chdir(pool["base"].parent)
+    cfg = parse_config(
+        {"models": {"base": "base", "sources": ["e0", "e1"]}, "budget": {"candidates": 1}}, "t"
+    )
+    fresh = run_models(cfg, [])
+    assert fresh == (str(pool["base"].absolute()), [str(pool["e0"].absolute()), str(pool["e1"].absolute())])
+    recorded = {"base": f"org/base@{MAIN}", "sources": [f"org/e0@{MAIN}"]}
+    assert run_models(cfg, [{"event": "start", "models": recorded}]) == (
+        recorded["base"],
+        recorded["sources"],
+    )
+    assert run_models(cfg, [{"event": "start"}, {"event": "ask"}]) == ("base", ["e0", "e1"])  # before pinning

@@ -280,6 +280,7 @@ def test_driver_killed_at_a_named_point_resumes_to_the_same_front(uninterrupted,
     _same_front(uninterrupted, run_dir)
 
 
+@pytest.mark.slow  # end to end: ~18 s
 def test_driver_killed_at_a_random_moment_while_tracking_resumes_and_store_matches(
     uninterrupted, pool, tmp_path
 ):
@@ -377,6 +378,7 @@ def _listening(proc: subprocess.Popen) -> set[str]:
     return addrs
 
 
+@pytest.mark.slow  # end to end: a server killed and restarted (~17 s)
 def test_tracking_server_dies_mid_run_and_comes_back(local_ray, pool, tmp_path):
     """The `mlflow server` is SIGKILLed (its process group) after a few results and restarted while the
     search goes on; the search finishes every candidate, and `evomerge sync` makes the store match."""
@@ -745,6 +747,7 @@ def test_secrets_are_redacted_from_mlflow_params_and_config_artifact(local_ray, 
 LOAD = 2000
 
 
+@pytest.mark.slow  # end to end: 2,000 candidates (~27 s)
 def test_two_thousand_candidates_eight_workers_bounded_driver_memory(pool, tmp_path):
     """2,000 cheap candidates on 8 workers (a driver subprocess, its RSS sampled with psutil); tracking with
     `children: front`: the parent's metrics hold one step per result, and `evomerge sync` finds nothing

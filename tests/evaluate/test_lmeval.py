@@ -191,6 +191,7 @@ def test_limit_and_subsample_are_exclusive(tasks_dir):
         LMEvalSpec(tasks=("dev_mc",), include_path=str(tasks_dir), limit=3, subsample=3).build()
 
 
+@pytest.mark.slow  # lm-eval indexes its ~10,000 task files first (~28 s)
 def test_standard_task_without_local_data_says_so(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
