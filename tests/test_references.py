@@ -205,3 +205,14 @@ def test_a_run_uses_the_models_its_journal_recorded_and_an_older_journal_keeps_i
         recorded["sources"],
     )
     assert run_models(cfg, [{"event": "start"}, {"event": "ask"}]) == ("base", ["e0", "e1"])  # before pinning
+
+
+def test_a_function_evaluators_run_reads_no_model_so_its_names_need_no_directory():
+    """tools/bench_engine.py names models `unused`: its function evaluator holds none (this once refused it)."""
+    from evomerge.config import parse_config
+    from evomerge.runtime.run import resolve_models
+
+    cfg = parse_config({"models": {"base": "unused", "sources": ["a", "b"]}, "budget": {"candidates": 1},
+                        "evaluator": {"type": "function", "function": "math:fsum"},
+                        "objectives": [{"name": "f"}]}, "t")  # fmt: skip
+    assert resolve_models(cfg) == ("unused", ["a", "b"])

@@ -56,10 +56,13 @@ def given_models(config: RunConfig) -> tuple[str, list[str]]:
 
 def resolve_models(config: RunConfig) -> tuple[str, list[str]]:
     """(base, sources) pinned (`evomerge.references.pin`: absolute paths, hub ids at their commit), before
-    anything starts: a bad reference is one line here, not a worker's crash."""
+    anything starts: a bad reference is one line here, not a worker's crash. A function evaluator's run reads
+    no model: its names stay as given."""
     from evomerge.references import pin
 
     base, sources = given_models(config)
+    if config.evaluator.type == "function":  # its workers hold no model: the names only label the genes
+        return base, sources
     try:
         return pin(base), [pin(s) for s in sources]
     except EvomergeError as e:
