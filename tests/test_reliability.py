@@ -258,6 +258,7 @@ def _same_front(a: Path, b: Path) -> None:
     assert {k: v["scores"] for k, v in ra.items()} == {k: v["scores"] for k, v in rb.items()}
 
 
+@pytest.mark.slow  # end to end: a killed driver and its resume, per fault (~14 s each)
 @pytest.mark.parametrize("fault", ["ask:3", "journal_write:RANDOM"])
 def test_driver_killed_at_a_named_point_resumes_to_the_same_front(uninterrupted, pool, tmp_path, fault):
     """SIGKILL of the driver right after an ask (nothing journaled yet) or half-way through a journal line

@@ -6,7 +6,8 @@
    (bytes read + written / measured copy bandwidth; target <= 2x);
 3. worker-pool scaling with a sleeping evaluator from 1 to 16 workers (target >= 90% efficiency).
 
-    python tools/bench_engine.py [--skip-switch] [--work /tmp/evomerge_bench]
+    python tools/bench_engine.py [--skip-switch] [--work /tmp/evomerge_bench] [--candidates 200]
+        [--strategies random cma tpe nsga2] [--max-workers 16] [--sleep 0.5]
 """
 
 from __future__ import annotations
@@ -136,14 +137,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge_bench")
     parser.add_argument("--skip-switch", action="store_true")
     parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--strategies", nargs="+", default=["random", "cma", "tpe", "nsga2"])
+    parser.add_argument("--max-workers", type=int, default=16, help="scaling: 1, 2, 4, ... up to this many")
+    parser.add_argument(
+        "--sleep", type=float, default=0.5, help="scaling: the evaluator's seconds per candidate"
+    )
     args = parser.parse_args()
     import ray
 
     torch.set_num_threads(2)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        driver_overhead(["random", "cma", "tpe", "nsga2"], args.candidates, Path(tmp))
-    scaling([1, 2, 4, 8, 16], per_worker=6, seconds=0.5)
+        driver_overhead(args.strategies, args.candidates, Path(tmp))
+    counts = [2**i for i in range(args.max_workers.bit_length()) if 2**i <= args.max_workers]
+    scaling(counts, per_worker=6, seconds=args.sleep)
     ray.shutdown()
     if not args.skip_switch:
         switch_time(args.work, repeats=3)

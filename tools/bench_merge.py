@@ -4,7 +4,7 @@ Builds a synthetic ~100M-parameter Llama (a base and three experts, bf16 safeten
 runs each config through both tools as separate processes (`/usr/bin/time` reports peak RSS), checks the
 two outputs agree, and prints the figures and their ratios.
 
-    python tools/bench_merge.py [--work /tmp/evomerge_bench] [--repeats 1]
+    python tools/bench_merge.py [--work /tmp/evomerge_bench] [--repeats 1] [--tiny]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 SHAPE = {"hidden": 768, "inter": 2048, "layers": 10, "vocab": 16000, "heads": 12}
+TINY = {"hidden": 64, "inter": 128, "layers": 2, "vocab": 256, "heads": 4}  # --tiny: the smoke test's size
 
 
 def llama_tensors(gen: torch.Generator, base: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -106,7 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge_bench")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and config; the best is kept")
+    parser.add_argument("--tiny", action="store_true", help="a 0.2M-parameter model: checks the script runs")
     args = parser.parse_args()
+    if args.tiny:
+        SHAPE.update(TINY)
     bindir = Path(sys.executable).parent
     models = build_models(args.work)
     params = sum(t.numel() for t in load_file(models["base"] / "model.safetensors").values())

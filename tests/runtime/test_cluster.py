@@ -94,6 +94,7 @@ def _logs(temp_dir: str) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in Path(temp_dir).glob("*.log"))
 
 
+@pytest.mark.slow  # end to end: a second Ray node (~15 s)
 def test_search_runs_on_both_nodes_of_a_cluster(two_node_cluster, pool, tmp_path):
     address, temp_dir = two_node_cluster
     run_dir = tmp_path / "run"

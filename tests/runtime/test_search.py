@@ -127,6 +127,7 @@ def test_failing_evaluator_is_retried_then_recorded_failed(local_ray, pool, tmp_
     assert summary["best"] is None
 
 
+@pytest.mark.slow  # end to end: two full runs and a SIGKILL (~25 s)
 def test_driver_sigkill_then_resume_matches_uninterrupted_run(local_ray, pool, tmp_path):
     full_dir, _, _ = _run(
         _config(pool, tmp_path / "full", candidates=20, seconds=0.25, strategy="cma"), tmp_path
