@@ -245,9 +245,9 @@ def test_export_whose_verify_fails_writes_nothing(run_dir, tmp_path, monkeypatch
 
 
 def test_interrupted_export_leaves_no_out_dir(run_dir, tmp_path, monkeypatch):
-    import evomerge.merge.engine as engine
+    import evomerge.merge.shards as shards
 
-    real, calls = engine._write_shard, []
+    real, calls = shards.write_shard, []
 
     def dies_midway(file, jobs, produce):
         calls.append(file)
@@ -256,7 +256,7 @@ def test_interrupted_export_leaves_no_out_dir(run_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(file, jobs, produce)
 
-    monkeypatch.setattr(engine, "_write_shard", dies_midway)
+    monkeypatch.setattr(shards, "write_shard", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         export_mod.export(run_dir, tmp_path / "out", max_shard_bytes=300_000)
     assert len(calls) == 2

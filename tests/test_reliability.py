@@ -658,12 +658,12 @@ def test_bad_run_dir_on_resume_is_refused_untouched(finished, tmp_path, case, ne
 
 
 def test_disk_full_during_export_leaves_nothing(finished, tmp_path, monkeypatch):
-    from evomerge.merge import engine
+    from evomerge.merge import shards
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(engine, "_write_shard", full)
+    monkeypatch.setattr(shards, "write_shard", full)
     before = _tree(finished)
     out = runner.invoke(app, ["export", str(finished), str(tmp_path / "model")])
     assert out.exit_code == 2, out.output

@@ -13,6 +13,14 @@ before anything is computed or written. `merge_tensor()` runs one job in fp32 on
 Layer structure follows mergekit: `models:` is one slice over all layers of every model (the base added
 when not listed); tensors outside decoder layers use position u = 0 and the first (embeddings) or last
 (norm, head) slice's sources.
+
+The output's tensors are the union over the models each part reads (a slice's sources at their layers, the
+first/last slice's sources outside layers), never one listed model's names: which model comes first must
+not change what is written. A source layer must also hold what any of the recipe's models holds at the same
+layer index (as mergekit's architecture templates require), so a one-source slice cannot drop a tensor
+either. A tensor that a model lacks is refused, naming the model and the tensor.
+The one exception is mergekit's `tied_names`: a tied model (tie_word_embeddings, no LM head) gives its
+input embedding as its head.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +39,6 @@ from typing import Any
 import torch
 
 from evomerge.checkpoints import (
-    SAFETENSORS_DTYPES,
     VOCAB_TENSOR,
     Source,
     check_architectures,
@@ -42,6 +48,7 @@ from evomerge.checkpoints import (
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError, MergeError, ShapeMismatchError
 from evomerge.merge.methods import METHODS, Method
 from evomerge.merge.recipe import Recipe, Slice, SliceSource, resolve
+from evomerge.merge.shards import TOKENIZER_FILES, TensorSpec, copy_files, write_weights
 from evomerge.merge.tokenizer import (
     OutputVocab,
     VocabRows,
@@ -57,8 +64,6 @@ LAYER = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.
 PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # fmt: skip
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")  # fmt: skip
 
 
 def parse_dtype(name: str | None, where: str = "dtype") -> torch.dtype | None:
@@ -103,13 +108,55 @@ def _split_layer(name: str) -> tuple[str, int, str] | None:
     return (m["prefix"], int(m["idx"]), m["rest"]) if m else None
 
 
-def _layer_suffixes(src: Source, layer: int) -> list[tuple[str, str]]:
-    """(prefix, rest) of every tensor of one decoder layer, in checkpoint order."""
-    out = []
+def _layer_index(src: Source) -> dict[int, list[tuple[str, str]]]:
+    """Layer -> (prefix, rest) of its tensors, in checkpoint order: one pass over the names, not one per layer."""
+    out: dict[int, list[tuple[str, str]]] = {}
     for name in src.tensors:
         parts = _split_layer(name)
-        if parts and parts[1] == layer:
-            out.append((parts[0], parts[2]))
+        if parts:
+            out.setdefault(parts[1], []).append((parts[0], parts[2]))
+    return out
+
+
+def _union(groups: Iterable[Iterable[Any]]) -> list[Any]:
+    """Every item of every group once, in order of first appearance (the anchor's checkpoint order first)."""
+    return list(dict.fromkeys(item for group in groups for item in group))
+
+
+def _outside_names(src: Source, pre: bool) -> list[str]:
+    """Tensors outside decoder layers, before them (embeddings) or after (norm, head)."""
+    return [n for n in src.tensors if _split_layer(n) is None and bool(PRE_LAYER.search(n)) == pre]
+
+
+def _is_head(name: str) -> bool:
+    """An LM head (lm_head, embed_out, output): a vocabulary tensor outside layers that is not an embedding."""
+    return _split_layer(name) is None and not PRE_LAYER.search(name) and bool(VOCAB_TENSOR.search(name))
+
+
+def _is_tied(src: Source) -> bool:
+    """transformers' default is tied; only an explicit `tie_word_embeddings: false` unties."""
+    return src.config.get("tie_word_embeddings", True) is not False
+
+
+def _tied_embedding(src: Source, name: str) -> str | None:
+    """The input embedding a tied model gives for LM head `name` it lacks (mergekit's `tied_names`), else None."""
+    if not (_is_head(name) and _is_tied(src)):
+        return None
+    return next((n for n in _outside_names(src, pre=True) if VOCAB_TENSOR.search(n)), None)
+
+
+def _read_names(refs: list[str], names: list[str], sources: Mapping[str, Source]) -> list[str]:
+    """The tensor each source gives for one output tensor: its own, or a tied model's embedding for the head.
+    A source without it is refused, whatever its position: dropping the tensor would depend on who is first."""
+    out = []
+    for ref, name in zip(refs, names):
+        read = name if name in sources[ref].tensors else _tied_embedding(sources[ref], name)
+        if read is None:
+            holder = next((r for r, n in zip(refs, names) if n in sources[r].tensors), None)
+            raise ShapeMismatchError(
+                f"{ref}: tensor {name} is missing" + (f" (present in {holder})" if holder else "")
+            )
+        out.append(read)
     return out
 
 
@@ -166,10 +213,8 @@ def _job(
     base = slice_.base_model or recipe.base_model
     base_index = refs.index(base) if base in refs else None
     tensor_inputs = [i for i in range(len(refs)) if method.base == "input" or i != base_index]
-    for ref, name in zip(refs, in_names):
-        if name not in sources[ref].tensors:
-            raise ShapeMismatchError(f"{ref}: tensor {name} is missing (present in the other sources)")
-    infos = [sources[ref].tensors[name] for ref, name in zip(refs, in_names)]
+    read_names = _read_names(refs, in_names, sources)
+    infos = [sources[ref].tensors[name] for ref, name in zip(refs, read_names)]
     rows_map = None
     if vocab is not None and _split_layer(out_name) is None and VOCAB_TENSOR.search(out_name):
         rows_map = row_map(vocab, refs, base, [i.shape for i in infos], out_name)
@@ -201,8 +246,39 @@ def _job(
     dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
     seed_text = f"{recipe.random_seed or 0}:{out_name}"
     seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
-    return TensorJob(out_name, tuple(zip(refs, in_names)), base_index, method.name, params, per_source,
+    return TensorJob(out_name, tuple(zip(refs, read_names)), base_index, method.name, params, per_source,
                      tuple(shape), dtype, vocab_rows, seed, rows_map)  # fmt: skip
+
+
+def _anchor_first(slice_: Slice, recipe: Recipe) -> list[str]:
+    """A slice's sources, its base first: the output keeps the base's checkpoint order."""
+    refs = [src.model for src in slice_.sources]
+    base = slice_.base_model or recipe.base_model
+    return [base, *(r for r in refs if r != base)] if base in refs else refs
+
+
+def _slice_layer_suffixes(
+    slice_: Slice, j: int, layer_index: Mapping[str, dict[int, list[tuple[str, str]]]]
+) -> list[tuple[str, str]]:
+    """(prefix, rest) of layer j of a slice: the union over its sources, each at its own layer_range[0] + j, and
+    over every model of the recipe at those layer indices (a passthrough slice has one source to compare
+    with). A source without that layer at all is a layer_range error, named as such."""
+    layers = [src.layer_range[0] + j for src in slice_.sources]
+    for src, layer in zip(slice_.sources, layers):
+        if not layer_index[src.model].get(layer):
+            raise ConfigError(f"{src.model}: has no layer {layer} (layer_range {list(src.layer_range)})")
+    own = [layer_index[src.model][layer] for src, layer in zip(slice_.sources, layers)]
+    return _union([*own, *(index.get(layer, ()) for layer in layers for index in layer_index.values())])
+
+
+def _untie_for_own_head(config: dict[str, Any], jobs: list[TensorJob], sources: Mapping[str, Source]) -> None:
+    """An output head merged from an untied model's own head is not the embedding: loaded tied, transformers
+    would drop it, so the config unties (mergekit 0.1.5 keeps the base's flag, and loses the head)."""
+    for job in jobs:
+        if _is_head(job.name) and any(not _is_tied(sources[ref]) for ref, _ in job.inputs):
+            if config.get("tie_word_embeddings", True) is not False:
+                config["tie_word_embeddings"] = False
+            return
 
 
 def plan(
@@ -230,14 +306,13 @@ def plan(
                                    tokenizer_dir=lambda ref: _tokenizer_dir(ref, sources),
                                    vocab_size=lambda ref: sources[ref].config.get("vocab_size"))  # fmt: skip
     jobs: list[TensorJob] = []
+    layer_index = {ref: _layer_index(sources[ref]) for ref in recipe.referenced_models() if ref in sources}
 
     def outside_layers(pre: bool) -> None:
         slice_ = slices[0] if pre else slices[-1]
-        anchor = sources[(slice_.base_model or recipe.base_model or slice_.sources[0].model)]
-        for name in anchor.tensors:
-            if _split_layer(name) is None and bool(PRE_LAYER.search(name)) == pre:
-                jobs.append(_job(recipe, method, name, slice_, [name] * len(slice_.sources), 0.0, sources,
-                                 out_dtype, truncate_vocab, vocab))  # fmt: skip
+        for name in _union(_outside_names(sources[ref], pre) for ref in _anchor_first(slice_, recipe)):
+            jobs.append(_job(recipe, method, name, slice_, [name] * len(slice_.sources), 0.0, sources,
+                             out_dtype, truncate_vocab, vocab))  # fmt: skip
 
     outside_layers(pre=True)
     out_layer = 0
@@ -245,13 +320,7 @@ def plan(
         length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
         for j in range(length):
             u = j / (length - 1) if length > 1 else 1.0
-            first = s.sources[0]
-            suffixes = _layer_suffixes(sources[first.model], first.layer_range[0] + j)
-            if not suffixes:
-                raise ConfigError(
-                    f"{first.model}: has no layer {first.layer_range[0] + j} (layer_range {list(first.layer_range)})"
-                )
-            for prefix, rest in suffixes:
+            for prefix, rest in _slice_layer_suffixes(s, j, layer_index):
                 in_names = [f"{prefix}.{src.layer_range[0] + j}.{rest}" for src in s.sources]
                 jobs.append(_job(recipe, method, f"{prefix}.{out_layer}.{rest}", s, in_names, u, sources,
                                  out_dtype, truncate_vocab))  # fmt: skip
@@ -271,6 +340,7 @@ def plan(
         config["vocab_size"] = vocab.rows  # mergekit: the output tokenizer's size, padded
     if out_dtype is not None:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).removeprefix("torch.")
+    _untie_for_own_head(config, jobs, sources)
     # the base model's tokenizer (the first model's without a base), or what `tokenizer_source` builds
     return Plan(jobs, config, base_ref if vocab is None else vocab.copy_from, vocab)
 
@@ -364,52 +434,6 @@ def open_recipe_sources(recipe: Recipe, *, allow_pickle: bool = False) -> dict[s
 # ------------------------------------------------------------------------------------- streaming
 
 
-_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def _shards(jobs: list[TensorJob], max_bytes: int) -> list[list[TensorJob]]:
-    shards: list[list[TensorJob]] = [[]]
-    size = 0
-    for job in jobs:
-        nbytes = _nbytes(job)
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(job)
-        size += nbytes
-    return shards
-
-
-def _nbytes(job: TensorJob) -> int:
-    n = 1
-    for d in job.shape:
-        n *= d
-    return n * torch.empty((), dtype=job.dtype).element_size()
-
-
-def _write_shard(file: Path, jobs: list[TensorJob], produce: Callable[[TensorJob], torch.Tensor]) -> None:
-    """Write a safetensors file header-first, then each tensor as it is computed."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for job in jobs:
-        n = _nbytes(job)
-        header[job.name] = {
-            "dtype": _DTYPE_CODES[job.dtype],
-            "shape": list(job.shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for job in jobs:
-            t = produce(job).contiguous().cpu()
-            assert tuple(t.shape) == job.shape and t.dtype == job.dtype, job.name
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -457,9 +481,7 @@ def _copy_side_files(
     src = _tokenizer_dir(plan_.tokenizer_source, sources)
     if not src.is_dir():
         raise ConfigError(f"tokenizer_source: {plan_.tokenizer_source} is not a model directory")
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, out / name)
+    copy_files(src, out, TOKENIZER_FILES)
     if chat_template is not None:
         cfg_file = out / "tokenizer_config.json"
         if not cfg_file.exists():
@@ -505,25 +527,18 @@ def merge_to_dir(
     except OSError as e:
         raise ConfigError(f"{out}: cannot write to {parent} ({e.strerror})") from None
 
-    def produce(job: TensorJob) -> torch.Tensor:
+    jobs = {job.name: job for job in plan_.jobs}
+
+    def produce(spec: TensorSpec) -> torch.Tensor:
+        job = jobs[spec.name]
         t = merge_tensor(job, lambda ref, name: sources[ref].read(name, device))
         if on_tensor:
             on_tensor(job)
         return t
 
     try:
-        shards = _shards(plan_.jobs, max_shard_bytes)
-        if len(shards) == 1:
-            _write_shard(tmp / "model.safetensors", shards[0], produce)
-        else:
-            weight_map = {}
-            for i, jobs in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(tmp / fname, jobs, produce)
-                weight_map.update({j.name: fname for j in jobs})
-            total = sum(_nbytes(j) for j in plan_.jobs)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        specs = [TensorSpec(j.name, j.shape, j.dtype) for j in plan_.jobs]
+        write_weights(tmp, specs, produce, max_shard_bytes)
         _copy_side_files(plan_, sources, tmp, recipe.chat_template)
         (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(recipe))
         if out.exists():
@@ -636,6 +651,23 @@ class _StreamedStacks(Mapping[str, torch.Tensor]):
         return len(self._stacked)
 
 
+def _check_tied_target(plan_: Plan, targets: Mapping[str, torch.Tensor]) -> None:
+    """A target that ties its head to its embedding holds one tensor for both: when the merge unties them
+    (a source has its own head), writing the head would overwrite the embedding. Refused before any write."""
+    if plan_.config.get("tie_word_embeddings", True) is not False:
+        return
+    seen: dict[int, str] = {}
+    for job in plan_.jobs:
+        target = targets.get(job.name)
+        if target is not None and target.numel():
+            first = seen.setdefault(target.data_ptr(), job.name)
+            if first != job.name:
+                raise ShapeMismatchError(
+                    f"target model ties {job.name} to {first}, but the merge gives {job.name} its own values "
+                    "(a source has an untied head): the target must be an untied model"
+                )
+
+
 @torch.no_grad()
 def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -> Plan:
     """Overwrite `model`'s parameters (and buffers) with the merge `recipe` describes; no allocation of
@@ -647,6 +679,7 @@ def apply_in_place(recipe: Recipe, pool: ResidentPool, model: torch.nn.Module) -
         raise ConfigError(f"recipe uses {unknown[0]}, which is not in the resident pool")
     plan_ = plan(recipe, pool.sources)
     targets = model.state_dict(keep_vars=True)
+    _check_tied_target(plan_, targets)
     for job in plan_.jobs:
         target = targets.get(job.name)
         if target is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from evomerge.errors import ConfigError, ShapeMismatchError
 from evomerge.fsutil import atomic_dir
 from evomerge.merge.mixture import FlatLayout, Mixture, Offspring
+from evomerge.merge.shards import ONE_SHARD, TOKENIZER_FILES, TensorSpec, copy_files, write_weights
 from evomerge.references import locate
 
 Read = Callable[[str, str], torch.Tensor]  # (model ref, tensor name) -> tensor
@@ -134,15 +134,11 @@ def build_offspring(off: Offspring, read: Read, model: torch.nn.Module, layout: 
 def save_member(
     model: torch.nn.Module, layout: FlatLayout, out: str | Path, config: Mapping[str, Any]
 ) -> Path:
-    """Store a member as a model directory (config.json + model.safetensors), atomically (temp + rename)."""
-    from safetensors.torch import save_file
-
+    """Store a member as a model directory (config.json + one model.safetensors), atomically (temp + rename)."""
     named = dict(model.named_parameters())
+    specs = [TensorSpec(n, tuple(named[n].shape), named[n].dtype) for n in layout.names]
     with atomic_dir(out) as tmp:
-        save_file(
-            {n: named[n].detach().to("cpu").contiguous() for n in layout.names},
-            str(tmp / "model.safetensors"),
-        )
+        write_weights(tmp, specs, lambda spec: named[spec.name].detach(), max_shard_bytes=ONE_SHARD)
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
     return Path(out)
 
@@ -170,10 +166,6 @@ def pool_gram(read: Read, refs: Sequence[str], layout: FlatLayout, boundaries: n
     return np.concatenate([np.zeros((1, k, k)), np.cumsum(pieces, axis=0)])
 
 
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
-
-
 def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:  # fmt: skip
     """Materialize a model-space recipe as a model directory beside the base's config and tokenizer, one tensor
@@ -183,7 +175,6 @@ def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *,
     which keeps the archive (and whatever a pending child still needs): its parents may be gone, and rebuilding
     it would take its whole lineage."""
     import yaml
-    from safetensors.torch import save_file
 
     from evomerge.checkpoints import Checkpoint
     from evomerge.merge.target import meta_target
@@ -224,29 +215,9 @@ def write_model_dir(recipe: Mixture | Offspring, base: str, out: str | Path, *,
 
     if out.exists():
         raise ConfigError(f"{out}: output directory already exists")
-    with atomic_dir(out) as tmp:
-        groups: list[list[str]] = [[]]  # shards planned from the headers, then written one at a time
-        size = 0
-        for name in base_ckpt.names:
-            info = base_ckpt.tensors[name]
-            nbytes = math.prod(info.shape) * (dtype or info.dtype).itemsize
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += nbytes
-        files = ["model.safetensors"] if len(groups) == 1 else [
-            f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]  # fmt: skip
-        for file, names in zip(files, groups):
-            save_file({n: tensor(n) for n in names}, str(tmp / file), metadata={"format": "pt"})
-        if len(files) > 1:
-            weight_map = {n: f for f, names in zip(files, groups) for n in names}
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"weight_map": weight_map}, indent=2)
-            )
-        base_dir = locate(base)
-        for name in SIDE_FILES:
-            if (base_dir / name).exists():
-                shutil.copy2(base_dir / name, tmp / name)
+    with atomic_dir(out) as tmp:  # shards planned from the headers, then written one tensor at a time
+        specs = [TensorSpec(n, tuple(i.shape), dtype or i.dtype) for n, i in base_ckpt.tensors.items()]
+        write_weights(tmp, specs, lambda spec: tensor(spec.name), max_shard_bytes)
+        copy_files(locate(base), tmp, ("config.json", *TOKENIZER_FILES))
         (tmp / "evomerge_recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return out
