@@ -488,6 +488,14 @@ def _run_yaml(pool, tmp, edit):
     return ["run", str(path)]
 
 
+def _edits(*edits):
+    def edit(data):
+        for e in edits:
+            e(data)
+
+    return edit
+
+
 def _set(path, value):
     def edit(data):
         *keys, last = path.split(".")
@@ -585,8 +593,15 @@ BAD_INPUTS = [
     ),
     ("run-no-budget", lambda p, t: _run_yaml(p, t, _set("budget", {})), "budget"),
     (
-        "run-missing-base-model",
-        lambda p, t: _run_yaml(p, t, _set("models.base", str(t / "nobase"))),
+        "run-missing-base-model",  # an evaluator that reads the models (a function evaluator's run needs none)
+        lambda p, t: _run_yaml(
+            p,
+            t,
+            _edits(
+                _set("models.base", str(t / "nobase")),
+                _set("evaluator", {"type": "lmeval", "tasks": ["zoo_search"]}),
+            ),
+        ),
         "nobase",
     ),
     (
