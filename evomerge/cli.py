@@ -21,14 +21,31 @@ def _fail(message: str) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Everything: debug logging, every library's and every worker's output."
+        ),
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not verbose:  # the CLI draws its own progress; library bars and lm-eval's notices would interleave
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if verbose:  # evomerge.runtime.worker.VERBOSE_ENV: Ray workers inherit it (a cluster's get it passed)
+        os.environ["EVOMERGE_VERBOSE"] = "1"
+    else:
+        _quiet_driver()
+
+
+def _quiet_driver() -> None:
+    """The CLI draws its own progress: library bars and lm-eval's task-loading notices (the driver builds the
+    task list, the demo scores on the test split) would interleave with it. Workers quiet themselves."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _parse_size(text: str) -> int:
@@ -117,6 +134,7 @@ def demo(
     run_dir, _state, summary = _search(lambda cb: start(config, out=out, on_progress=cb))
     _print_summary(console, run_dir, summary)
     if summary["best"] is None:
+        _print_next_steps(console, run_dir)
         _fail("the search produced no successful candidate")
     tasks, rows = compare_on_test(base, experts, Recipe.model_validate(summary["best"]["recipe"]))
     table = Table(title="held-out test split, exact match (%)")
@@ -139,6 +157,7 @@ def demo(
     console.print(
         f"best merge {result.candidate} exported to {result.out} (Hugging Face model dir + model card)"
     )
+    _print_next_steps(console, run_dir)
 
 
 def _progress_view(p: Any) -> Any:
@@ -199,6 +218,18 @@ def _print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> 
     console.print(f"run dir: {run_dir}  (journal.jsonl, front.json)")
 
 
+def _print_next_steps(console: Console, run_dir: Path) -> None:
+    """How to look at a finished run: the MLflow UI over its store (when it has one) and the front."""
+    if (run_dir / "mlflow.db").exists():
+        console.print(
+            f"look at it: evomerge ui {run_dir}  (MLflow), evomerge front {run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"look at it: evomerge front {run_dir}", highlight=False, soft_wrap=True)
+
+
 def _search(fn: Any) -> Any:
     """Run a search function under a live progress display; user errors exit 2."""
     from rich.live import Live
@@ -231,7 +262,9 @@ def run_search(
     run_dir, _state, summary = _search(
         lambda cb: start(config, out=out, address=address, workers=workers, on_progress=cb)
     )
-    _print_summary(Console(), run_dir, summary)
+    console = Console()
+    _print_summary(console, run_dir, summary)
+    _print_next_steps(console, run_dir)
 
 
 @app.command()
@@ -243,7 +276,9 @@ def resume(
     from evomerge.runtime.run import resume as resume_run
 
     _state, summary = _search(lambda cb: resume_run(run_dir, address=address, on_progress=cb))
-    _print_summary(Console(), run_dir, summary)
+    console = Console()
+    _print_summary(console, run_dir, summary)
+    _print_next_steps(console, run_dir)
 
 
 @app.command()

@@ -249,6 +249,9 @@ def build_plan(config: RunConfig, objectives: Objectives, strategy: Any, event: 
     return EstimatePlan(matrices, name=est.name, items=est.items, delta=est.delta, seed=seed)
 
 
+RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
+
+
 def init_ray(address: str | None, config: RunConfig) -> bool:
     """Connect to `address` or start a local Ray; returns True when this call started it."""
     import ray
@@ -258,6 +261,11 @@ def init_ray(address: str | None, config: RunConfig) -> bool:
     if address:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     else:
+        from evomerge.runtime.worker import verbose
+
+        if not verbose():  # Ray's notice that a new local cluster has token auth on (it stays on); setting
+            # RAY_AUTH_MODE would not do: Ray read its config when the driver imported it
+            logging.getLogger(RAY_AUTH_NOTICE).setLevel(logging.ERROR)
         cpus = max(os.cpu_count() or 1, int(np.ceil(config.workers.count * config.workers.num_cpus)))
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True

@@ -210,9 +210,11 @@ class WorkerPool:
         import ray
 
         from evomerge.references import hub_env
-        from evomerge.runtime.worker import Worker
+        from evomerge.runtime.worker import VERBOSE_ENV, Worker, verbose
 
         env = hub_env()  # where the driver found (and pinned) the hub models; never the token
+        if verbose():  # a cluster's workers do not inherit the driver's environment
+            env = {**env, VERBOSE_ENV: "1"}
         remote = ray.remote(Worker).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
             **({"runtime_env": {"env_vars": env}} if env else {}),

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +56,43 @@ def node_id() -> str | None:
     except ImportError:
         return None
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+# "1" (`evomerge -v`): every library's output; workers inherit it (a cluster's get it in their runtime env)
+VERBOSE_ENV = "EVOMERGE_VERBOSE"
+QUIET_LOGGERS = ("lm_eval", "lm-eval", "transformers")  # lm-eval's per-task and per-model notices; HF's
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def verbose() -> bool:
+    """Whether the user asked for every library's output (`evomerge -v`), here or on the driver."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_libraries() -> None:
+    """Library chatter off in this process, errors kept: every worker would repeat lm-eval's notices (custom
+    kwargs, an already-initialized model) and progress bars for every task. Env settings reach libraries not
+    imported yet; the others are told directly."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    _tqdm_off()
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:
+        datasets.disable_progress_bars()
+
+
+def _tqdm_off() -> None:
+    """Bars off by default (an explicit `disable=False` still shows one): tqdm reads TQDM_DISABLE once, at
+    import, and Ray imports it before an actor exists; lm-eval builds every task's requests under a bar."""
+    from functools import partialmethod
+
+    import tqdm.std
+
+    if not getattr(tqdm.std.tqdm, "_evomerge_quiet", False):
+        tqdm.std.tqdm.__init__ = partialmethod(tqdm.std.tqdm.__init__, disable=True)  # type: ignore[method-assign]
+        tqdm.std.tqdm._evomerge_quiet = True  # type: ignore[attr-defined]
 
 
 MEMBER_CACHE = 4  # stored members kept loaded per worker (their files never change once written)
@@ -239,6 +278,8 @@ class Worker:
     def __init__(self, backend: Any, torch_threads: int = 1) -> None:
         import torch
 
+        if not verbose():
+            quiet_libraries()
         torch.set_num_threads(torch_threads)
         self.backend = backend.build()
 
