@@ -74,6 +74,7 @@ def test_search_runs_to_budget_with_one_result_per_candidate(local_ray, pool, tm
     assert (run_dir / "front.json").exists() and (run_dir / "best.yaml").exists()
 
 
+@pytest.mark.slow  # end to end: two full runs (~12 s)
 def test_ordered_runs_are_reproducible(local_ray, pool, tmp_path):
     a, _, _ = _run(_config(pool, tmp_path / "a", strategy="cma", seconds=0.01), tmp_path)
     b, _, _ = _run(_config(pool, tmp_path / "b", strategy="cma", seconds=0.01), tmp_path)
@@ -81,6 +82,7 @@ def test_ordered_runs_are_reproducible(local_ray, pool, tmp_path):
     assert {k: v["scores"] for k, v in ra.items()} == {k: v["scores"] for k, v in rb.items()}
 
 
+@pytest.mark.slow  # end to end: a worker SIGKILLed mid-run (~9 s); test_reliability covers random kills too
 def test_killing_a_worker_loses_nothing(local_ray, pool, tmp_path):
     from evomerge.runtime import search as search_mod
 

@@ -184,6 +184,7 @@ def zoo_models(request) -> dict[str, Path]:
     return request.getfixturevalue("zoo")
 
 
+@pytest.mark.slow  # end to end: a run and its resume on the zoo (~10 s)
 def test_engine_run_on_the_zoo_resumes_exactly(local_ray, zoo_models, tmp_path):
     zoo = zoo_models
     from evomerge.runtime.run import create_run_dir, execute, resume
