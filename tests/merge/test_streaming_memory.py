@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -22,6 +23,7 @@ spec.loader.exec_module(bench_stream)
 SHARD = 32 * 1024**2
 
 
+@pytest.mark.slow  # builds and merges a 100 MB model in a measured process (~8 s)
 def test_streamed_merge_memory_is_a_few_shards_not_the_model(tmp_path):
     paths, model_bytes, largest = bench_stream.build(tmp_path, 0.25, 2, SHARD, hidden=512, vocab=2048)
     assert largest * 4 < SHARD  # a shard holds the largest tensor even in fp32
