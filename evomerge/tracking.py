@@ -315,6 +315,8 @@ class Record:
         self.ref: np.ndarray | None = None
         self.ref_rule = ""
         self.ended = False
+        self.start_t: float | None = None  # the journal's first event: when the search began
+        self.end_t: float | None = None  # its `end` event: when the search reached its budget
         self._front: tuple[int, set[str]] = (0, set())
         self.ever_front: set[str] = set()  # candidates that were on the front at some flush
         self._series: list[tuple[int, int, dict[str, float]]] = []
@@ -324,6 +326,8 @@ class Record:
     # ---------------------------------------------------------------------------- events
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
+        if self.start_t is None:
+            self.start_t = event.get("t")
         if kind == "ask":
             self.add_ask([Candidate.from_json(c) for c in event["candidates"]], event.get("t", time.time()))
         elif kind == "result":
@@ -332,6 +336,7 @@ class Record:
             self.add_rescore(event)
         elif kind == "end":
             self.ended = True
+            self.end_t = event.get("t", self.end_t)
 
     def add_ask(self, candidates: Iterable[Candidate], t: float) -> None:
         for c in candidates:
@@ -880,12 +885,18 @@ class _Known:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "RUNNING"
+    end_ms: int | None = None
 
 
 def _quote(value: str) -> str:
     if "'" in value:
         raise ValueError("quote in filter value")
     return f"'{value}'"
+
+
+def _ms(t: float | None) -> int:
+    """A journal time (s) as MLflow's ms; now when the journal has none."""
+    return int(round((time.time() if t is None else t) * 1000))
 
 
 class Store:
@@ -966,6 +977,7 @@ class Store:
                 dict(found.data.params),
                 dict(found.data.metrics),
                 found.info.status,
+                found.info.end_time,
             )
             self._adopt_ref()
             self._load()
@@ -981,7 +993,9 @@ class Store:
             }
             if commit:
                 tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.config.name)
+            run = self.client.create_run(
+                self.experiment_id, start_time=_ms(self.record.start_t), tags=tags, run_name=self.config.name
+            )
             self.parent = _Known(run.info.run_id, dict(run.data.tags))
             params = _flatten(redact(self.config.model_dump(mode="json")))
             params.update(
@@ -1126,16 +1140,18 @@ class Store:
         have = {Path(f.path).name for f in self.client.list_artifacts(self.parent.run_id)}
         return {"pareto.csv", "pareto.png", "progress.png", "front_recipes.yaml"} <= have
 
-    def set_parent_status(self, status: str, end_s: float | None = None) -> None:
+    def set_parent_status(self, status: str) -> None:
+        """RUNNING, or ended: a finished search ends at the journal's `end` event (so the parent spans the
+        search, and sync corrects an end set otherwise), an interrupted one now."""
         assert self.parent is not None
-        if self.parent.status == status:
+        end_ms = _ms(self.record.end_t if status == "FINISHED" else None)
+        if self.parent.status == status and (status != "FINISHED" or self.parent.end_ms == end_ms):
             return
         if status == "RUNNING":
             self.client.update_run(self.parent.run_id, status="RUNNING")
         else:
-            self.client.set_terminated(
-                self.parent.run_id, status, end_time=int((end_s or time.time()) * 1000)
-            )
+            self.client.set_terminated(self.parent.run_id, status, end_time=end_ms)
+            self.parent.end_ms = end_ms
         self.parent.status = status
 
 
@@ -1184,8 +1200,7 @@ def _sync_store(store: Store, record: Record, children: str = "all") -> dict[str
     if changed or not store.has_artifacts():
         store.upload(record)
     if record.ended:
-        last = max((r.get("t", 0.0) for r in record.results.values()), default=None)
-        store.set_parent_status("FINISHED", last)
+        store.set_parent_status("FINISHED")
     return {
         "uri": store.uri,
         "experiment_id": store.experiment_id,

@@ -98,6 +98,23 @@ def _pareto_true(run_dir: Path, experiment_id: str) -> set[str]:
     return {r.data.tags[CANDIDATE_TAG] for r in runs}
 
 
+def _journal_span(run_dir: Path) -> tuple[float, float]:
+    """The search's start (the journal's first event) and end (its `end` event), in ms."""
+    events = read_journal(run_dir / "journal.jsonl")
+    end = [e["t"] for e in events if e["event"] == "end"]
+    assert end, "the search did not end"
+    return events[0]["t"] * 1000, end[-1] * 1000
+
+
+def _assert_parent_spans_the_search(run_dir: Path) -> None:
+    """The parent run starts and ends with the journal (MLflow keeps ms: within 2 ms)."""
+    _client, parent, _children = _store(run_dir)
+    start, end = _journal_span(run_dir)
+    assert parent.info.status == "FINISHED"
+    assert abs(parent.info.start_time - start) <= 2, (parent.info.start_time, start)
+    assert abs(parent.info.end_time - end) <= 2, (parent.info.end_time, end)
+
+
 def _assert_store_matches_journal(run_dir: Path, front_ids: set[str]) -> None:
     client, parent, children = _store(run_dir)
     results = _results(run_dir)
@@ -139,6 +156,21 @@ def test_one_child_run_per_candidate_with_the_journals_scores_and_front(tracked)
     assert parent.data.metrics["front_size"] == len(front_ids)
     assert parent.data.metrics["best/q0"] == max(r["scores"]["q0"] for r in _results(run_dir).values())
     assert json.loads((run_dir / "tracking.json").read_text())["needs_sync"] is False
+
+
+def test_parent_run_spans_the_search(tracked):
+    run_dir, _summary = tracked
+    _assert_parent_spans_the_search(run_dir)
+
+
+def test_sync_sets_the_parents_end_to_the_journals_end(tracked):
+    run_dir, _summary = tracked
+    client, parent, _children = _store(run_dir)
+    start, _end = _journal_span(run_dir)
+    # the 2.8 s parent of a 26 s search that an older tracker left
+    client.set_terminated(parent.info.run_id, "FINISHED", end_time=int(start) + 2800)
+    sync(run_dir)
+    _assert_parent_spans_the_search(run_dir)
 
 
 def test_parent_artifacts_open(tracked, tmp_path):
@@ -187,6 +219,7 @@ def test_resume_attaches_to_the_parent_and_catches_up(tracked):
     resume(run_dir)  # the run has ended: nothing is evaluated, the tracker syncs
     _assert_store_matches_journal(run_dir, {r["id"] for r in summary["front"]})
     assert _store(run_dir)[1].info.run_id == parent.info.run_id
+    _assert_parent_spans_the_search(run_dir)
 
 
 def test_front_plot_writes_the_pngs(tracked):
@@ -214,6 +247,7 @@ def test_unreachable_server_does_not_stop_the_search_and_sync_fills_a_store(loca
     assert report["created"] == CANDIDATES
     assert not list(run_dir.glob(".mlflow.db.*"))  # created on a temp file, linked into place
     _assert_store_matches_journal(run_dir, {r["id"] for r in summary["front"]})
+    _assert_parent_spans_the_search(run_dir)  # a parent that sync creates
     assert json.loads((run_dir / "tracking.json").read_text())["needs_sync"] is False
 
 
