@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from helpers import make_pool
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
+from helpers import make_pool, run_mergekit
 from safetensors.torch import load_file
 
 from evomerge.merge.engine import merge_to_dir
@@ -37,17 +32,6 @@ ATTN_FILTER = [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]}, {"fi
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def run_mergekit(config: dict[str, Any], out: Path, seed: int | None = None) -> Path:
-    """mergekit's own merge, in-process; restores the RNG states its seeding touches."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed)
-        run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    return out
 
 
 def run_evomerge(config: dict[str, Any], out: Path) -> Path:

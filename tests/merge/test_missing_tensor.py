@@ -10,14 +10,13 @@ its input embedding.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import run_mergekit
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -92,18 +91,8 @@ def _load_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _run_mergekit(config: dict, out: Path) -> dict[str, torch.Tensor]:
-    """mergekit 0.1.5's own merge of the same mapping (in-process; its RNG seeding undone)."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    return _load_dir(out)
+    """mergekit 0.1.5's own merge of the same mapping."""
+    return _load_dir(run_mergekit(config, out))
 
 
 # -------------------------------------------------------------------------------- refusals (CLI)

@@ -11,17 +11,13 @@ rows bit-identical, the rest within 1e-5 as every parity test), the same config,
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
+from helpers import run_mergekit
 from safetensors.torch import load_file, save_file
 
 from evomerge.errors import ConfigError, ShapeMismatchError
@@ -104,16 +100,6 @@ def _ta(p: dict[str, str], *experts: str, base: str = "base", **extra: Any) -> d
         "dtype": "float32",
         **extra,
     }
-
-
-def run_mergekit(config: dict[str, Any], out: Path) -> Path:
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    return out
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
