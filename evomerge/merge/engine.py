@@ -656,11 +656,11 @@ def _check_tied_target(plan_: Plan, targets: Mapping[str, torch.Tensor]) -> None
     (a source has its own head), writing the head would overwrite the embedding. Refused before any write."""
     if plan_.config.get("tie_word_embeddings", True) is not False:
         return
-    seen: dict[int, str] = {}
+    seen: dict[int, str] = {}  # tied weights are one Parameter object (data_ptr would be 0 for all on `meta`)
     for job in plan_.jobs:
         target = targets.get(job.name)
         if target is not None and target.numel():
-            first = seen.setdefault(target.data_ptr(), job.name)
+            first = seen.setdefault(id(target), job.name)
             if first != job.name:
                 raise ShapeMismatchError(
                     f"target model ties {job.name} to {first}, but the merge gives {job.name} its own values "
