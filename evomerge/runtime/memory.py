@@ -424,7 +424,7 @@ def run_settings(config: Any, model_config: Mapping[str, Any], space: Any = None
     if ev.type == "function":
         return None
     seq = ev.max_length or context_length(model_config)
-    gpu = w.num_gpus > 0 and not config.device.startswith("cpu")
+    gpu = gpu_workers(config)
     linear = config.space.type in LINEAR_SPACES
     return Settings(w.pool_dtype, w.model_dtype, w.pool_device, ev.batch_size, seq,
                     getattr(space, "n_slots", None), gpu, ev.type, linear)  # fmt: skip
@@ -438,6 +438,11 @@ def host_memory() -> int:
         return int(psutil.virtual_memory().total)
     except ImportError:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gpu_workers(config: Any) -> bool:
+    """Whether the run's workers hold their models on a GPU (they reserve one and the device is not the CPU)."""
+    return config.workers.num_gpus > 0 and not config.device.startswith("cpu")
 
 
 def workers_per_gpu(config: Any) -> int:
@@ -508,7 +513,7 @@ def probe_memory(
     import ray
 
     w = config.workers
-    gpu = w.num_gpus > 0 and not config.device.startswith("cpu")
+    gpu = gpu_workers(config)
     if gpu and not ray.cluster_resources().get("GPU"):
         log.warning("memory plan not checked: the Ray cluster has no GPU yet")
         return None
@@ -538,7 +543,7 @@ def probe_memory(
 
 def probes(config: Any, remote: bool = False) -> bool:
     """Whether the workers' memory must be asked of a Ray node (GPU workers, or CPU workers on a cluster)."""
-    gpu = config.workers.num_gpus > 0 and not config.device.startswith("cpu")
+    gpu = gpu_workers(config)
     return (gpu or remote) and config.evaluator.type != "function"
 
 
