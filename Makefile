@@ -25,6 +25,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check evomerge tests tools
 	$(VENV)/bin/ruff format --check evomerge tests tools
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) tools/bench_merge.py

@@ -299,7 +299,8 @@ def plan(
     from evomerge.config import load_config
     from evomerge.errors import EvomergeError
     from evomerge.runtime import memory as mp
-    from evomerge.runtime.run import build_space, resolve_models
+    from evomerge.runtime.run import resolve_models
+    from evomerge.space import build_space
 
     if workers is not None and workers < 1:
         _fail(f"--workers: at least 1 (got {workers})")

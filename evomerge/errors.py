@@ -19,3 +19,9 @@ class ShapeMismatchError(EvomergeError):
 
 class MergeError(EvomergeError):
     """A merge method cannot produce a valid tensor from its inputs (e.g. density gives k = 0)."""
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, at most 300 characters: how a caught error is reported in a log line."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

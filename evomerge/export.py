@@ -97,7 +97,7 @@ def materialize(
         raise TypeError(
             f"a {type(recipe).__name__} recipe needs its run dir (the base model is in its config)"
         )
-    from evomerge.runtime.journal import read_journal
+    from evomerge.journal import read_journal
     from evomerge.runtime.run import run_models
 
     config = load_config(Path(run_dir) / "config.yaml")
@@ -165,7 +165,7 @@ class RunView:
 
 
 def read_run(run_dir: Path) -> RunView:
-    from evomerge.runtime.journal import final_results, read_journal
+    from evomerge.journal import final_results, read_journal
 
     if not (run_dir / "journal.jsonl").exists():
         raise ExportError(f"{run_dir}: no journal.jsonl (not a run directory?)")

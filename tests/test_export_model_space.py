@@ -7,22 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_config
 
-from evomerge.config import parse_config
+from evomerge.digits_mlp import NUM_PARAMS
 from evomerge.errors import ConfigError
-from evomerge.evaluate.digits import NUM_PARAMS, DigitsSpec, save_digits_checkpoint, train_digits_mlp
+from evomerge.evaluate.digits import DigitsSpec, save_digits_checkpoint, train_digits_mlp
 from evomerge.export import export, read_run
 from evomerge.merge.target import load_target
 from evomerge.runtime.run import create_run_dir, execute
 
 
 def _run(tmp: Path, name: str, sources: list[str], options: dict) -> Path:
-    config = parse_config({
-        "name": name, "models": {"base": sources[0], "sources": sources},
-        "space": {"type": "model", "chunk": 1}, "strategy": {"name": "m2n2", "options": {"pop_size": 4, **options}},
-        "evaluator": {"type": "digits"}, "budget": {"candidates": 16}, "workers": {"count": 2},
-        "tracking": {"enabled": False}, "seed": 3,
-    }, name)  # fmt: skip
+    config = run_config(name, tmp / name, sources[0], sources, space={"type": "model", "chunk": 1},
+                        strategy={"name": "m2n2", "options": {"pop_size": 4, **options}}, candidates=16, seed=3)  # fmt: skip
     run_dir = create_run_dir(config, None, tmp / name)
     execute(run_dir, config)
     return run_dir

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from helpers import Q0_Q1, run_config_data, synthetic_evaluator
 
 CHATTER = (
     "Custom kwargs can be passed to `--metadata`",  # lm-eval, per task, on every worker
@@ -67,17 +68,11 @@ def test_verbose_shows_the_workers_output(zoo, tmp_path):
 @pytest.fixture
 def faulty_run(pool, tmp_path):
     """A function-evaluator search (no model read) where some candidates raise, tracked in the run dir."""
-    data = {
-        "name": "faulty",
-        "models": {"base": str(pool["base"]), "sources": [str(pool["e0"]), str(pool["e1"])]},
-        "space": {"type": "task_vector"},
-        "strategy": {"name": "random"},
-        "evaluator": {"type": "function", "function": "evomerge.faults:faulty", "kwargs": {"fraction": 0.5}},
-        "objectives": [{"name": "q0"}, {"name": "q1"}],
-        "budget": {"candidates": 6},
-        "workers": {"count": 2, "max_retries": 0},
-        "seed": 3,
-    }
+    evaluator = synthetic_evaluator("faulty", "evomerge.evaluate.faulty", fraction=0.5)
+    data = run_config_data("faulty", tmp_path / "run", pool["base"], [pool["e0"], pool["e1"]],
+                           space={"type": "task_vector"}, strategy={"name": "random"}, evaluator=evaluator,
+                           objectives=Q0_Q1, candidates=6, workers={"count": 2, "max_retries": 0}, seed=3,
+                           tracking={"enabled": True})  # fmt: skip
     path = tmp_path / "faulty.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

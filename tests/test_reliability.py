@@ -1,7 +1,7 @@
 """Reliability and security (docs/reliability.md names a test here for each row of its table): faults in
 workers, the driver and the tracking server; bad inputs; code execution, network exposure, paths and
 secrets; a 2,000-candidate search. Real Ray (local, 2 CPUs), real MLflow (sqlite, a real `mlflow server`),
-real files; faults are real signals (SIGKILL) or `evomerge.faults` (EVOMERGE_FAULT, faulty evaluators)."""
+real files; faults are real signals (SIGKILL) or `evomerge.faults` (EVOMERGE_FAULT) and `evomerge.evaluate.faulty` (faulty evaluators)."""
 
 import contextlib
 import errno
@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,14 +20,14 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from helpers import make_llama
+from helpers import evomerge_command, free_ports, kill_group, make_llama, spawn
 from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.config import parse_config
-from evomerge.faults import _fraction
+from evomerge.evaluate.faulty import _fraction
+from evomerge.journal import read_journal
 from evomerge.merge.recipe import Recipe
-from evomerge.runtime.journal import read_journal
 from evomerge.runtime.run import create_run_dir, execute, resume
 
 runner = CliRunner()
@@ -41,7 +40,7 @@ def _config(pool, run_dir: Path, *, candidates=12, fn="faulty", workers=None, tr
         "models": {"base": str(pool["base"]), "sources": [str(pool["e0"]), str(pool["e1"]), str(pool["e2"])]},
         "space": {"type": "task_vector"},
         "strategy": {"name": "random"},
-        "evaluator": {"type": "function", "function": f"evomerge.faults:{fn}", "kwargs": kwargs},
+        "evaluator": {"type": "function", "function": f"evomerge.evaluate.faulty:{fn}", "kwargs": kwargs},
         "objectives": [{"name": "q0"}, {"name": "q1"}],
         "budget": {"candidates": candidates},
         "workers": {"count": 2, **(workers or {})},
@@ -234,15 +233,7 @@ def uninterrupted(local_ray, pool, tmp_path_factory):
 
 def _spawn_driver(cfg: Path, fault: str | None) -> subprocess.Popen:
     env = {**ENV, **({"EVOMERGE_FAULT": fault} if fault else {})}
-    return subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(cfg)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's process group: the driver and the Ray and tracking processes it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return spawn(evomerge_command("run", cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def _results_in(path: Path) -> int:
@@ -271,7 +262,7 @@ def test_driver_killed_at_a_named_point_resumes_to_the_same_front(uninterrupted,
     try:
         assert proc.wait(timeout=240) == -signal.SIGKILL  # it killed itself at the named point
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     raw = (run_dir / "journal.jsonl").read_bytes()
     if fault.startswith("journal_write"):
         assert not raw.endswith(b"\n")  # the torn line is there
@@ -299,7 +290,7 @@ def test_driver_killed_at_a_random_moment_while_tracking_resumes_and_store_match
             assert time.time() < deadline, "the run never got going"
             time.sleep(0.05)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert _results_in(run_dir / "journal.jsonl") < DRIVER["candidates"]
     resume(run_dir)
     _same_front(uninterrupted, run_dir)
@@ -357,8 +348,7 @@ def _start_mlflow(db: Path, port: int) -> subprocess.Popen:
         str(db.parent / "art"),
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, cwd=db.parent, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = spawn(cmd, cwd=db.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         assert proc.poll() is None, "mlflow server exited"
@@ -383,11 +373,9 @@ def _listening(proc: subprocess.Popen) -> set[str]:
 def test_tracking_server_dies_mid_run_and_comes_back(local_ray, pool, tmp_path):
     """The `mlflow server` is SIGKILLed (its process group) after a few results and restarted while the
     search goes on; the search finishes every candidate, and `evomerge sync` makes the store match."""
-    from evomerge.ui import free_port
-
     db_dir = tmp_path / "server"
     db_dir.mkdir()
-    port = free_port()
+    [port] = free_ports()
     server = _start_mlflow(db_dir / "mlflow.db", port)
     assert _listening(server) == {"127.0.0.1"}  # bound to loopback only
     run_dir = tmp_path / "run"
@@ -400,8 +388,7 @@ def test_tracking_server_dies_mid_run_and_comes_back(local_ray, pool, tmp_path):
         deadline = time.time() + 180
         while _results_in(run_dir / "journal.jsonl") < 6 and time.time() < deadline:
             time.sleep(0.1)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        kill_group(server)
         events["killed_at"] = _results_in(run_dir / "journal.jsonl")
         time.sleep(2.0)
         server = _start_mlflow(db_dir / "mlflow.db", port)
@@ -421,8 +408,7 @@ def test_tracking_server_dies_mid_run_and_comes_back(local_ray, pool, tmp_path):
         again = runner.invoke(app, ["sync", str(run_dir)])
         assert "already up to date" in again.output
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        kill_group(server)
 
 
 # ------------------------------------------------------------------------------------------ 4. bad inputs
@@ -731,9 +717,10 @@ def test_secrets_are_redacted_from_mlflow_params_and_config_artifact(local_ray, 
     parent run's params or its config.yaml artifact; `max_new_tokens` and the like are kept."""
     from mlflow import MlflowClient
 
-    from evomerge.tracking import _flatten, default_uri, redact
+    from evomerge.tracking import default_uri, redact
+    from evomerge.tracking.names import flatten_config
 
-    flat = _flatten(redact({"tracking": {"uri": "https://bob:hunter2@mlflow.example/?token=abc1"},
+    flat = flatten_config(redact({"tracking": {"uri": "https://bob:hunter2@mlflow.example/?token=abc1"},
                             "evaluator": {"kwargs": {"hf_token": "hf_s3cret", "apiKey": "k3y", "db_password": "pw",
                                                      "max_new_tokens": 8}}}))  # fmt: skip
     assert not {"hunter2", "abc1", "hf_s3cret", "k3y", "pw"} & {
@@ -776,8 +763,7 @@ def test_two_thousand_candidates_eight_workers_bounded_driver_memory(pool, tmp_p
     data = _config(pool, run_dir, candidates=LOAD, fraction=0.0, workers={"count": 8, "num_cpus": 0.25},
                    tracking={"children": "front"})  # fmt: skip
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(cfg)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)  # fmt: skip
+    proc = spawn(evomerge_command("run", cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     driver, rss = psutil.Process(proc.pid), {}
     try:
         deadline = time.time() + 600
@@ -788,7 +774,7 @@ def test_two_thousand_candidates_eight_workers_bounded_driver_memory(pool, tmp_p
                 rss.setdefault(done // 250 * 250, driver.memory_info().rss)
             time.sleep(0.25)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
     assert len(_final(run_dir)) == LOAD
     growth = (max(rss.values()) - rss[min(k for k in rss if k >= 250)]) / (LOAD - 250)

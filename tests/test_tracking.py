@@ -9,14 +9,15 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
+from helpers import Q0_Q1, run_config_data, synthetic_evaluator
 from matplotlib.image import imread
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.config import Objective, parse_config
+from evomerge.journal import read_journal
 from evomerge.merge.recipe import Recipe
-from evomerge.runtime.journal import read_journal
 from evomerge.runtime.run import create_run_dir, execute, resume
 from evomerge.strategies.base import Candidate
 from evomerge.tracking import (
@@ -34,23 +35,10 @@ CANDIDATES = 12
 
 
 def _config(pool, run_dir: Path, **tracking):
-    return {
-        "name": "t",
-        "models": {"base": str(pool["base"]), "sources": [str(pool["e0"]), str(pool["e1"]), str(pool["e2"])]},
-        "space": {"type": "task_vector"},
-        "strategy": {"name": "random"},
-        "evaluator": {
-            "type": "function",
-            "function": "evomerge.evaluate.synthetic:sleep",
-            "kwargs": {"seconds": 0.0},
-        },
-        "objectives": [{"name": "q0"}, {"name": "q1"}],
-        "budget": {"candidates": CANDIDATES},
-        "workers": {"count": 2},
-        "seed": 5,
-        "output": str(run_dir),
-        "tracking": tracking,
-    }
+    return run_config_data("t", run_dir, pool["base"], [pool["e0"], pool["e1"], pool["e2"]],
+                           space={"type": "task_vector"}, strategy={"name": "random"},
+                           evaluator=synthetic_evaluator("sleep", seconds=0.0), objectives=Q0_Q1,
+                           candidates=CANDIDATES, seed=5, tracking=tracking)  # fmt: skip
 
 
 def _run(pool, run_dir: Path, **tracking) -> tuple[Path, dict]:

@@ -5,11 +5,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import evomerge_command, free_ports, kill_group, spawn
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -81,12 +81,10 @@ def test_ui_serves_the_run_lists_candidates_and_shows_the_front(tracked_run, tmp
     from mlflow.tracking import MlflowClient
     from selenium.webdriver.common.by import By
 
-    from evomerge.ui import free_port
-
     run_dir, summary = tracked_run
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "ui", str(run_dir), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    [port] = free_ports()
+    proc = spawn(evomerge_command("ui", run_dir, "--port", port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True)  # fmt: skip
     driver = None
     try:
         url = proc.stdout.readline().strip().removeprefix("MLflow UI: ")
@@ -128,5 +126,4 @@ def test_ui_serves_the_run_lists_candidates_and_shows_the_front(tracked_run, tmp
     finally:
         if driver is not None:
             driver.quit()
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        kill_group(proc, signal.SIGTERM, timeout=30)

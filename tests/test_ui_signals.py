@@ -6,11 +6,11 @@ import errno
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import evomerge_command, free_ports, spawn
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,9 @@ def _kill(procs: list[psutil.Process]) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_ui_stops_its_server_on_termination_signals(store_dir, sig):
-    from evomerge.ui import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "ui", str(store_dir), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    [port] = free_ports()
+    proc = spawn(evomerge_command("ui", store_dir, "--port", port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True)  # fmt: skip
     tree: list[psutil.Process] = []
     try:
         line = proc.stdout.readline()  # printed once the server answers

@@ -21,24 +21,32 @@ from pathlib import Path
 import torch
 
 
-def driver_overhead(strategies: list[str], n: int, work: Path) -> None:
+def synthetic_config(work: Path, name: str, strategy: str, n: int, **extra: object) -> object:
+    """A search of n candidates over the synthetic objectives (no model read, so what is measured is the
+    driver's bookkeeping), 2 workers, in `work/name`; also bench_tracking's."""
     from evomerge.config import parse_config
+
+    return parse_config({
+        "name": name,
+        "models": {"base": "unused", "sources": ["a", "b", "c"]},
+        "space": {"type": "task_vector"},
+        "strategy": {"name": strategy},
+        "evaluator": {"type": "function", "function": "evomerge.evaluate.synthetic:quadratic"},
+        "objectives": [{"name": "q0"}, {"name": "q1"}],
+        "budget": {"candidates": n},
+        "workers": {"count": 2},
+        "output": str(work / name),
+        **extra,
+    }, "bench")  # fmt: skip
+
+
+def driver_overhead(strategies: list[str], n: int, work: Path) -> None:
     from evomerge.runtime.run import create_run_dir, execute
 
     print(f"\n1. driver overhead per candidate ({n} candidates, instant evaluator, 2 workers)")
     print(f"{'strategy':10} {'wall ms/cand':>13} {'driver CPU ms/cand':>19}")
     for name in strategies:
-        data = {
-            "models": {"base": "unused", "sources": ["a", "b", "c"]},
-            "space": {"type": "task_vector"},
-            "strategy": {"name": name},
-            "evaluator": {"type": "function", "function": "evomerge.evaluate.synthetic:quadratic"},
-            "objectives": [{"name": "q0"}, {"name": "q1"}],
-            "budget": {"candidates": n},
-            "workers": {"count": 2},
-            "output": str(work / f"overhead_{name}"),
-        }
-        cfg = parse_config(data, "bench")
+        cfg = synthetic_config(work, f"overhead_{name}", name, n)
         run_dir = create_run_dir(cfg, None, None)
         # per-candidate time is taken between the first and last result, so pool start-up is not counted
         wall, cpu = time.perf_counter(), time.process_time()

@@ -19,23 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _config(work: Path, name: str, strategy: str, n: int, tracking: dict) -> object:
-    from evomerge.config import parse_config
-
-    return parse_config({
-        "name": name,
-        "models": {"base": "unused", "sources": ["a", "b", "c"]},
-        "space": {"type": "task_vector"},
-        "strategy": {"name": strategy},
-        "evaluator": {"type": "function", "function": "evomerge.evaluate.synthetic:quadratic"},
-        "objectives": [{"name": "q0"}, {"name": "q1"}],
-        "budget": {"candidates": n},
-        "workers": {"count": 2},
-        "tracking": tracking,
-        "output": str(work / name),
-    }, "bench")  # fmt: skip
+from bench_engine import synthetic_config  # tools/ is on the path of a script run from it
 
 
 def _result_times(run_dir: Path) -> list[float]:
@@ -49,7 +33,7 @@ def measure(work: Path, name: str, strategy: str, n: int, tracking: dict) -> dic
     over its first and last tenth; seconds from the last result to `execute` returning (tracking drain)."""
     from evomerge.runtime.run import create_run_dir, execute
 
-    cfg = _config(work, name, strategy, n, tracking)
+    cfg = synthetic_config(work, name, strategy, n, tracking=tracking)
     run_dir = create_run_dir(cfg, None, None)
     cpu = time.process_time()
     execute(run_dir, cfg)

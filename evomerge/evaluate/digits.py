@@ -22,7 +22,8 @@ the reference. `save_digits_checkpoint` writes a model as a small model director
 `model_type: evomerge_digits` + `model.safetensors`) that the merge engine and workers read like any
 other source.
 
-This module owns the digits data and model; it knows nothing about strategies or workers.
+This module owns the digits data and the evaluator (the model itself is `evomerge.digits_mlp`); it knows
+nothing about strategies or workers.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from evomerge.digits_mlp import MODEL_TYPE, NUM_PARAMS, OUTPUT_DIM, DigitsMLP
 from evomerge.evaluate.base import Evaluation, EvaluationError
 
-INPUT_DIM = 64
-HIDDEN_DIM = 256
-OUTPUT_DIM = 10
-NUM_PARAMS = (INPUT_DIM + 1) * HIDDEN_DIM + (HIDDEN_DIM + 1) * OUTPUT_DIM  # 19,210
 TRAIN_FRACTION = 0.8
 TASK = "digits"
 
@@ -72,20 +70,6 @@ def load_digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[:cut].clone(), y[:cut].clone(), x[cut:].clone(), y[cut:].clone()
 
 
-class DigitsMLP(nn.Module):
-    """64 -> 256 (ReLU) -> 10 logits, parameters in the reference layout (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w1 = nn.Parameter(torch.zeros(INPUT_DIM, HIDDEN_DIM))
-        self.b1 = nn.Parameter(torch.zeros(HIDDEN_DIM))
-        self.w2 = nn.Parameter(torch.zeros(HIDDEN_DIM, OUTPUT_DIM))
-        self.b2 = nn.Parameter(torch.zeros(OUTPUT_DIM))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x @ self.w1 + self.b1) @ self.w2 + self.b2
-
-
 def flatten_params(model: DigitsMLP) -> Tensor:
     """The model's parameters as one reference-layout vector of length 19,210 (a copy, detached)."""
     with torch.no_grad():
@@ -106,9 +90,6 @@ def load_flat_params(model: DigitsMLP, vec: Tensor) -> DigitsMLP:
     return model
 
 
-MODEL_TYPE = "evomerge_digits"
-
-
 def save_digits_checkpoint(model: DigitsMLP | Tensor, out: str | Path) -> Path:
     """Write a DigitsMLP (or a reference-layout flat vector) as a model directory the engine can read."""
     from safetensors.torch import save_file
@@ -122,11 +103,6 @@ def save_digits_checkpoint(model: DigitsMLP | Tensor, out: str | Path) -> Path:
     config = {"model_type": MODEL_TYPE, "architectures": ["DigitsMLP"], "num_parameters": NUM_PARAMS}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
-
-
-def is_digits_checkpoint(path: str | Path) -> bool:
-    file = Path(path) / "config.json"
-    return file.exists() and json.loads(file.read_text()).get("model_type") == MODEL_TYPE
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from evomerge.references import locate
 
 
 def _is_digits(path: str | Path) -> bool:
-    from evomerge.evaluate.digits import is_digits_checkpoint
+    from evomerge.digits_mlp import is_digits_checkpoint
 
     return is_digits_checkpoint(path)
 
@@ -26,7 +26,7 @@ def load_target(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module,
     if _is_digits(path):
         from safetensors.torch import load_file
 
-        from evomerge.evaluate.digits import DigitsMLP
+        from evomerge.digits_mlp import DigitsMLP
 
         model = DigitsMLP()
         model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
@@ -40,7 +40,7 @@ def load_target(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module,
 def meta_target(path: str | Path) -> torch.nn.Module:
     path = locate(str(path))
     if _is_digits(path):
-        from evomerge.evaluate.digits import DigitsMLP
+        from evomerge.digits_mlp import DigitsMLP
 
         with torch.device("meta"):
             return DigitsMLP()

@@ -10,8 +10,8 @@ import numpy as np
 from evomerge.config import load_config
 from evomerge.errors import ConfigError
 from evomerge.fidelity.plan import is_exact
+from evomerge.journal import final_results, read_journal
 from evomerge.pareto import non_dominated
-from evomerge.runtime.journal import final_results, read_journal
 
 
 def front_from_journal(run_dir: Path) -> dict[str, Any]:

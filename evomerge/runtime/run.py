@@ -24,8 +24,8 @@ import evomerge
 from evomerge.config import Objective, RunConfig, load_config
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fidelity.plan import is_exact
+from evomerge.journal import Journal, pinned_models, read_journal
 from evomerge.merge.recipe import Recipe
-from evomerge.runtime.journal import Journal, read_journal
 from evomerge.runtime.search import (
     Budget,
     Objectives,
@@ -39,6 +39,7 @@ from evomerge.runtime.search import (
     init_error,
     replay,
 )
+from evomerge.space import build_space
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,11 @@ def run_models(config: RunConfig, events: list[dict[str, Any]]) -> tuple[str, li
     """The models of a run: those its journal recorded when it started (resume keeps the commits it began with,
     even if a branch has moved since), else pinned now. A journal from before pinning keeps its references as
     given (its recipes name them so)."""
-    start = next((e for e in events if e["event"] == "start"), None)
-    if start is None:
-        return resolve_models(config)
-    if "models" not in start:
-        return given_models(config)
-    return start["models"]["base"], list(start["models"]["sources"])
+    pinned = pinned_models(events)
+    if pinned is not None:
+        return pinned
+    started = any(e["event"] == "start" for e in events)
+    return given_models(config) if started else resolve_models(config)
 
 
 def evaluator_spec(config: RunConfig) -> Any:
@@ -149,22 +149,6 @@ def objectives_of(config: RunConfig) -> list[Objective]:
         raise ConfigError("objectives: required with a function evaluator (name each score to optimize)")
     names = evaluator_spec(config).build().task_names
     return [Objective(name=n) for n in names]
-
-
-def build_space(config: RunConfig, base: str, sources: list[str]) -> Any:
-    from evomerge.space import SPACES
-
-    options = {k: v for k, v in (config.space.model_extra or {}).items()}
-    cls = SPACES.get(config.space.type)
-    params = inspect.signature(cls).parameters
-    if "num_layers" in params and "num_layers" not in options:
-        from evomerge.checkpoints import Checkpoint
-
-        options["num_layers"] = Checkpoint(base).num_layers
-    try:
-        return cls(base=base, sources=sources, **options)
-    except TypeError as e:
-        raise ConfigError(f"space: {e}") from None
 
 
 def build_strategy(

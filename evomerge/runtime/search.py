@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import unpack_samples
 from evomerge.faults import fault_point
 from evomerge.fidelity.plan import ExactPlan, is_exact
-from evomerge.runtime.journal import Journal, apply_rescore
+from evomerge.journal import Journal, apply_rescore
 from evomerge.strategies.base import Candidate, Result, Strategy
 
 log = logging.getLogger(__name__)
@@ -248,9 +248,10 @@ def rescore_targets(state: SearchState, weights: np.ndarray, front: bool = True)
     return [c for c in picks if not is_exact(state.results[c])]
 
 
-class Observer:
+class Observer(Protocol):
     """Hooks the search calls after each journal write (tracking, live plots). Implementations must return
-    quickly (queue the work) and must not raise: the journal, not an observer, is the record of the run."""
+    quickly (queue the work) and must not raise: the journal, not an observer, is the record of the run.
+    A protocol: an observer need not import the runtime (the MLflow tracker sits below it)."""
 
     def on_ask(self, candidates: list[Candidate]) -> None: ...
 

@@ -14,6 +14,10 @@ Importing this package does not import torch; building a LayerwiseSpace reads `M
 
 from __future__ import annotations
 
+import inspect
+
+from evomerge.config import RunConfig
+from evomerge.errors import ConfigError
 from evomerge.registry import Registry
 from evomerge.space.base import Space
 from evomerge.space.dataflow import DataFlowSpace
@@ -29,6 +33,23 @@ SPACES.add("model", ModelSpace)
 SPACES.add("evo_merging", EvoMergingSpace)
 SPACES.add("dataflow", DataFlowSpace)
 
+
+def build_space(config: RunConfig, base: str, sources: list[str]) -> Space:
+    """The run config's space over these (resolved) models; `num_layers` read from the base when the space
+    takes it and the config does not say."""
+    options = {k: v for k, v in (config.space.model_extra or {}).items()}
+    cls = SPACES.get(config.space.type)
+    params = inspect.signature(cls).parameters
+    if "num_layers" in params and "num_layers" not in options:
+        from evomerge.checkpoints import Checkpoint
+
+        options["num_layers"] = Checkpoint(base).num_layers
+    try:
+        return cls(base=base, sources=sources, **options)
+    except TypeError as e:
+        raise ConfigError(f"space: {e}") from None
+
+
 __all__ = [
     "SPACES",
     "DataFlowSpace",
@@ -37,4 +58,5 @@ __all__ = [
     "ModelSpace",
     "Space",
     "TaskVectorSpace",
+    "build_space",
 ]

@@ -125,7 +125,7 @@ def test_hypervolume(points: np.ndarray) -> float:
 def analyse(
     run_dir: Path, strategy: str, mode: str, seed: int, tests: TestScorer, wall: float
 ) -> tuple[dict, list]:
-    from evomerge.runtime.journal import final_results, read_journal
+    from evomerge.journal import final_results, read_journal
 
     events = read_journal(run_dir / "journal.jsonl", repair=False)
     recipes = {c["id"]: c["recipe"] for e in events if e["event"] == "ask" for c in e["candidates"]}

@@ -26,17 +26,16 @@ import torch
 import yaml
 
 from evomerge.config import parse_config
+from evomerge.digits_mlp import NUM_PARAMS, DigitsMLP
 from evomerge.evaluate.base import unpack_samples
 from evomerge.evaluate.digits import (
-    NUM_PARAMS,
-    DigitsMLP,
     DigitsSpec,
     flatten_params,
     load_flat_params,
     save_digits_checkpoint,
     train_digits_mlp,
 )
-from evomerge.runtime.journal import read_journal
+from evomerge.journal import read_journal
 from evomerge.runtime.run import create_run_dir, execute
 from evomerge.space.model import ModelSpace
 from evomerge.strategies.base import Result

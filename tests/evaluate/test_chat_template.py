@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import mc_task_yaml
 
 from evomerge.config import ConfigError, parse_config
 from evomerge.evaluate.base import EvaluationError
@@ -27,24 +28,8 @@ GEN_KWARGS = {"max_gen_toks": 4}
 LIMIT = 12
 DATA = BUNDLED_TASKS / "zoo" / "data"
 
-MC_YAML = """task: chat_rev_mc
-custom_dataset: !function utils.load
-output_type: multiple_choice
-validation_split: validation
-fewshot_split: train
-num_fewshot: 2
-doc_to_text: "{{prompt}}"
-doc_to_choice: "{{choices}}"
-doc_to_target: "{{label}}"
-target_delimiter: ""
-fewshot_delimiter: "\\n"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+MC_YAML = mc_task_yaml("chat_rev_mc", "load", "validation_split: validation", "fewshot_split: train", "num_fewshot: 2",
+                       'target_delimiter: ""', 'fewshot_delimiter: "\\n"')  # fmt: skip
 UTILS = """import json
 from pathlib import Path
 

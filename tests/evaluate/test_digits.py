@@ -9,10 +9,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from evomerge.digits_mlp import NUM_PARAMS, DigitsMLP
 from evomerge.evaluate.base import EvaluationError
 from evomerge.evaluate.digits import (
-    NUM_PARAMS,
-    DigitsMLP,
     DigitsSpec,
     flatten_params,
     load_digits_split,

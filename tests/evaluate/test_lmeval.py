@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import mc_task_yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -14,20 +15,7 @@ from evomerge.evaluate.lmeval import LMEvalSpec
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 =?\n")
 
-MC_YAML = """task: dev_mc
-custom_dataset: !function utils.load_mc
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{prompt}}"
-doc_to_choice: "{{choices}}"
-doc_to_target: "{{label}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+MC_YAML = mc_task_yaml("dev_mc", "load_mc", "test_split: test")
 GEN_YAML = """task: dev_rev
 custom_dataset: !function utils.load_rev
 output_type: generate_until

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from evomerge.evaluate.digits import DigitsMLP
+from evomerge.digits_mlp import DigitsMLP
 from evomerge.merge.members import (
     apply_mixture,
     apply_mixture_stacked,

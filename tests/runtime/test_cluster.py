@@ -7,12 +7,9 @@ The nodes are `--block` processes in their own process groups, killed by group a
 may be running in this pytest process: nothing here touches it (no `ray.init` in this process).
 """
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,34 +19,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import Q0_Q1, free_ports, kill_group, run_config_data, spawn, synthetic_evaluator
 
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _node_args(temp_dir: str) -> list[str]:
-    agent, grpc, metrics, env_agent = _free_ports(4)
+    agent, grpc, metrics, env_agent = free_ports(4)
     return ["--num-cpus=1", "--object-store-memory=100000000", "--node-ip-address=127.0.0.1",
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
             f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-log-monitor=false", "--block"]  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """The node's whole process group: `ray start --block`, its raylet (and GCS), the workers it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _wait_for_nodes(procs: list[subprocess.Popen], temp_dir: str) -> None:
@@ -69,14 +50,14 @@ def _wait_for_nodes(procs: list[subprocess.Popen], temp_dir: str) -> None:
 @pytest.fixture
 def two_node_cluster():
     temp_dir = tempfile.mkdtemp(prefix="evr", dir="/tmp")  # short: Ray's unix socket paths live under it
-    port, client = _free_ports(2)
+    port, client = free_ports(2)
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str], name: str) -> None:
         with open(Path(temp_dir) / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
-            procs.append(subprocess.Popen([RAY, "start", *args, *_node_args(temp_dir)], env=ENV, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            procs.append(spawn([RAY, "start", *args, *_node_args(temp_dir)], env=ENV, stdout=log,
+                               stderr=subprocess.STDOUT))  # fmt: skip
 
     try:
         start(["--head", f"--port={port}", f"--ray-client-server-port={client}", "--include-dashboard=false"],
@@ -85,8 +66,8 @@ def two_node_cluster():
         _wait_for_nodes(procs, temp_dir)
         yield address, temp_dir
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        for proc in reversed(procs):  # each node's group: `ray start --block`, its raylet (and GCS), workers
+            kill_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -98,23 +79,19 @@ def _logs(temp_dir: str) -> str:
 def test_search_runs_on_both_nodes_of_a_cluster(two_node_cluster, pool, tmp_path):
     address, temp_dir = two_node_cluster
     run_dir = tmp_path / "run"
-    config = {
-        "name": "cluster",
-        "models": {"base": str(pool["base"]), "sources": [str(pool[e]) for e in ("e0", "e1", "e2")]},
-        "space": {"type": "task_vector"},
-        "strategy": {"name": "random"},
-        "evaluator": {
-            "type": "function",
-            "function": "evomerge.evaluate.synthetic:sleep",
-            "kwargs": {"seconds": 1.0},
-        },  # fmt: skip
-        "objectives": [{"name": "q0"}, {"name": "q1"}],
-        "budget": {"candidates": 12},
-        "workers": {"count": 2, "num_cpus": 1},  # one CPU per node: one worker on each
-        "tracking": {"enabled": False},
-        "seed": 1,
-        "output": str(run_dir),
-    }
+    config = run_config_data(
+        "cluster",
+        run_dir,
+        pool["base"],
+        [pool[e] for e in ("e0", "e1", "e2")],
+        space={"type": "task_vector"},
+        strategy={"name": "random"},
+        evaluator=synthetic_evaluator("sleep", seconds=1.0),
+        objectives=Q0_Q1,
+        candidates=12,
+        workers={"count": 2, "num_cpus": 1},
+        seed=1,
+    )  # one CPU per node: one worker on each
     cfg_file = tmp_path / "cluster.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
     driver = subprocess.run([sys.executable, "-m", "evomerge", "run", str(cfg_file), "--address", address],

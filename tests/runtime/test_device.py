@@ -94,7 +94,8 @@ def test_bf16_pool_in_place_is_the_fp32_merge_of_bf16_sources(pool):
 
 def test_backend_on_cpu_with_a_bf16_pool_and_model(tmp_path):
     """A digits worker built as a GPU worker would be (pool and target dtypes), on the CPU."""
-    from evomerge.evaluate.digits import DigitsMLP, DigitsSpec, save_digits_checkpoint
+    from evomerge.digits_mlp import DigitsMLP
+    from evomerge.evaluate.digits import DigitsSpec, save_digits_checkpoint
     from evomerge.merge.mixture import Mixture
 
     paths = []

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from evomerge.config import parse_config
 from evomerge.evaluate.base import unpack_samples
 from evomerge.fidelity.racing import item_order
-from evomerge.runtime.journal import final_results, read_journal
+from evomerge.journal import final_results, read_journal
 from evomerge.runtime.run import create_run_dir, execute, resume
 from evomerge.strategies.base import STRATEGIES, Candidate, Result, Strategy
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.runtime.journal import read_journal
+from evomerge.journal import read_journal
 from evomerge.runtime.run import resume, start
 
 MAIN, MOVED = "a" * 40, "c" * 40

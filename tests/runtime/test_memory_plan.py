@@ -270,7 +270,8 @@ def test_streaming_moves_each_input_to_the_targets_device(pool, monkeypatch):
 
 def test_backend_with_the_pool_on_the_host_merges_the_same(tmp_path):
     """A worker built with `pool_device: cpu` (digits, on the CPU) gives the default worker's merges."""
-    from evomerge.evaluate.digits import DigitsMLP, DigitsSpec, save_digits_checkpoint
+    from evomerge.digits_mlp import DigitsMLP
+    from evomerge.evaluate.digits import DigitsSpec, save_digits_checkpoint
     from evomerge.merge.mixture import Mixture
     from evomerge.runtime.worker import MergeBackendSpec
 

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,9 +12,10 @@ import numpy as np
 import pytest
 import ray
 import yaml
+from helpers import evomerge_command, kill_group, spawn
 
 from evomerge.config import parse_config
-from evomerge.runtime.journal import Journal, read_journal
+from evomerge.journal import Journal, read_journal
 from evomerge.runtime.run import create_run_dir, execute, resume
 
 
@@ -140,8 +140,9 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(local_ray, pool, t
         yaml.safe_dump(_config(pool, killed_dir, candidates=20, seconds=0.25, strategy="cma"))
     )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(cfg_file)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    proc = spawn(
+        evomerge_command("run", cfg_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -152,8 +153,7 @@ def test_driver_sigkill_then_resume_matches_uninterrupted_run(local_ray, pool, t
         else:
             pytest.fail("the run never got going")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
-        proc.wait()
+        kill_group(proc)  # the driver and every Ray process it started
     partial = _results(killed_dir)
     assert 6 <= len(partial) < 20
     resume(killed_dir)
@@ -175,7 +175,7 @@ def test_torn_last_journal_line_is_dropped(tmp_path):
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
-    from evomerge.runtime.journal import JournalError
+    from evomerge.journal import JournalError
 
     path = tmp_path / "journal.jsonl"
     path.write_text('{"event":"start"}\nnot json\n{"event":"end"}\n')

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import journal_records
+from helpers import journal_records, run_config
 
 from evomerge.errors import ConfigError
 from evomerge.space import SPACES
@@ -146,25 +146,11 @@ def test_worker_stacked_target_equals_the_materialized_model(space, pool, tmp_pa
 
 
 def _config(zoo, run_dir: Path):
-    from evomerge.config import parse_config
-
-    sources = [str(zoo[k]) for k in ("expert_rev", "expert_up")]
-    return parse_config(
-        {
-            "name": "dataflow",
-            "models": {"base": str(zoo["base"]), "sources": sources},
-            "space": {"type": "dataflow", "repeats": 2, "scaling": "slot"},
-            "strategy": {"name": "cma", "options": {"popsize": 4, "sigma": 0.3}},
-            "evaluator": {"type": "lmeval", "tasks": ["zoo_rev_search", "zoo_up_search"], "limit": 8},
-            "budget": {"candidates": 12},
-            "workers": {"count": 2},
-            "tracking": {"enabled": False},
-            "device": "cpu",
-            "seed": 1,
-            "output": str(run_dir),
-        },
-        "test",
-    )
+    return run_config("dataflow", run_dir, zoo["base"], [zoo["expert_rev"], zoo["expert_up"]],
+                      space={"type": "dataflow", "repeats": 2, "scaling": "slot"},
+                      strategy={"name": "cma", "options": {"popsize": 4, "sigma": 0.3}},
+                      evaluator={"type": "lmeval", "tasks": ["zoo_rev_search", "zoo_up_search"], "limit": 8},
+                      candidates=12, seed=1)  # fmt: skip
 
 
 def _journal(run_dir: Path):

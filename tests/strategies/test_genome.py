@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import journal_records
+from helpers import journal_records, run_config
 
 from evomerge.merge.mixture import Mixture
 from evomerge.strategies import Candidate, Result, StrategyError
@@ -284,23 +284,9 @@ def digits_pool(tmp_path_factory) -> list[str]:
 
 
 def _config(pool, run_dir: Path):
-    from evomerge.config import parse_config
-
-    return parse_config(
-        {
-            "name": "genome",
-            "models": {"base": pool[0], "sources": pool},
-            "space": {"type": "model", "chunk": "tensor"},
-            "strategy": {"name": "genome", "options": {"pop_size": 4, "succession": True, "sigma": 0.1}},
-            "evaluator": {"type": "digits"},
-            "budget": {"candidates": 24},
-            "workers": {"count": 2},
-            "tracking": {"enabled": False},
-            "device": "cpu",
-            "output": str(run_dir),
-        },
-        "test",
-    )
+    strategy = {"name": "genome", "options": {"pop_size": 4, "succession": True, "sigma": 0.1}}
+    return run_config("genome", run_dir, pool[0], pool, space={"type": "model", "chunk": "tensor"},
+                      strategy=strategy, candidates=24)  # fmt: skip
 
 
 def _journal(run_dir: Path):

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import journal_records
+from helpers import journal_records, run_config
 
-from evomerge.evaluate.digits import DigitsMLP, DigitsSpec, save_digits_checkpoint, train_digits_mlp
+from evomerge.digits_mlp import DigitsMLP
+from evomerge.evaluate.digits import DigitsSpec, save_digits_checkpoint, train_digits_mlp
 from evomerge.merge.mixture import Mixture, Offspring
 from evomerge.space.model import ModelSpace
 from evomerge.strategies import Candidate, Result, StrategyError
@@ -483,24 +484,9 @@ def halves(tmp_path_factory) -> list[str]:
 
 
 def _engine_config(halves, run_dir: Path, store: bool):
-    from evomerge.config import parse_config
-
     options = {"pop_size": 6, **({"mutation_std": 0.01} if store else {})}
-    return parse_config(
-        {
-            "name": "m2n2",
-            "models": {"base": halves[0], "sources": halves},
-            "space": {"type": "model", "chunk": 1},
-            "strategy": {"name": "m2n2", "options": options},
-            "evaluator": {"type": "digits"},
-            "budget": {"candidates": 40},
-            "workers": {"count": 2},
-            "tracking": {"enabled": False},
-            "device": "cpu",
-            "output": str(run_dir),
-        },
-        "test",
-    )
+    return run_config("m2n2", run_dir, halves[0], halves, space={"type": "model", "chunk": 1},
+                      strategy={"name": "m2n2", "options": options}, candidates=40)  # fmt: skip
 
 
 def _journal(run_dir: Path):
@@ -519,8 +505,9 @@ def _comparable(run_dir: Path):
 
 
 def _archive_of(run_dir: Path, config):
-    from evomerge.runtime.run import build_space, build_strategy, objectives_of
+    from evomerge.runtime.run import build_strategy, objectives_of
     from evomerge.runtime.search import Objectives, replay
+    from evomerge.space import build_space
 
     base, sources = config.models.base, list(config.models.sources)
     objectives = Objectives(objectives_of(config))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from evomerge.config import parse_config
+from evomerge.journal import read_journal
 from evomerge.pareto import igd_plus
-from evomerge.runtime.journal import read_journal
 from evomerge.runtime.run import create_run_dir, execute
 from evomerge.space.task_vector import TaskVectorSpace
 from evomerge.strategies import STRATEGIES, Result

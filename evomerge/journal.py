@@ -104,3 +104,12 @@ def final_results(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         elif e["event"] == "rescore" and e["id"] in results:
             results[e["id"]] = apply_rescore(results[e["id"]], e)
     return results
+
+
+def pinned_models(events: list[dict[str, Any]]) -> tuple[str, list[str]] | None:
+    """(base, sources) as the run's `start` event recorded them (pinned to commits and absolute paths), or
+    None: no start yet, or a journal written before models were pinned."""
+    start = next((e for e in events if e["event"] == "start"), None)
+    if start is None or "models" not in start:
+        return None
+    return start["models"]["base"], list(start["models"]["sources"])
