@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class TrackingError(EvomergeError):
-    pass
+    """The store cannot be reached or written (one line for the user; the run itself is unaffected)."""
 
 
 def default_uri(run_dir: str | Path) -> str:
+    """The run's own store: a sqlite database in its directory."""
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
@@ -76,6 +77,7 @@ def _git_commit() -> str | None:
 
 
 def write_artifacts(record: Record, out_dir: str | Path) -> list[Path]:
+    """What the parent run carries: the tables, and the plots when matplotlib is there."""
     paths = write_tables(record, out_dir)
     try:
         paths += write_plots(record, out_dir)
