@@ -282,44 +282,36 @@ def test_the_same_racing_config_gives_the_same_journal(racing, racing_again):
     assert racing[1].forward_passes == racing_again[1].forward_passes
 
 
-def _cut(events_path: Path) -> tuple[int, str, str]:
-    """A cut (number of journal lines kept) right after a `stop` rung event, before its result, while another
-    candidate is in the middle of its race (promoted, its last rung not yet journaled: with two workers its final
-    `done` rung can land just before another's `stop`); (lines, stopped, mid-race)."""
+def _cut(events_path: Path, kind: str) -> tuple[int, str]:
+    """A cut (number of journal lines kept), as a SIGKILL of the driver would leave the journal: `stop`, right
+    after a candidate's `stop` rung, before its result; `promote`, right after a `promote` rung, the candidate
+    between its rungs. Both exist in every racing journal, whatever the order the two workers finished in (a
+    cut needing both at once, as this test once chose, depends on that order). (lines kept, candidate)."""
     events = [json.loads(line) for line in events_path.read_text().splitlines()]
     for i, e in enumerate(events):
-        if e["event"] != "rung" or e["decision"] != "stop":
-            continue
-        head = events[: i + 1]
-        ended = {x["id"] for x in head if x["event"] == "result" or x.get("decision") in ("stop", "done")}
-        racing = [
-            x["id"]
-            for x in head
-            if x["event"] == "rung" and x["decision"] == "promote" and x["id"] not in ended
-        ]
-        if racing:
-            assert events[i + 1]["event"] == "result" and events[i + 1]["id"] == e["id"]
-            return i + 1, e["id"], racing[0]
-    raise AssertionError("no stop while another candidate was mid-race: pick another seed")
+        if e["event"] == "rung" and e["decision"] == kind:
+            if kind == "stop":
+                assert events[i + 1]["event"] == "result" and events[i + 1]["id"] == e["id"]
+            return i + 1, e["id"]
+    raise AssertionError(f"no {kind} rung in the journal")
 
 
-def test_a_run_killed_mid_race_resumes_to_the_uninterrupted_runs_results(racing_again, tmp_path):
-    """The journal of a finished run cut (as a SIGKILL of the driver would leave it) right after a candidate's
-    `stop` rung, before its result, while another candidate is between its rungs; `resume` records the stopped
-    candidate's result from the journal (no item scored again), continues the other's race at its next rung,
-    and ends with the uninterrupted run's candidates, decisions, results and front."""
+@pytest.mark.parametrize("kind", ["stop", "promote"])
+def test_a_run_killed_mid_race_resumes_to_the_uninterrupted_runs_results(racing_again, tmp_path, kind):
+    """The journal of a finished run cut right after a candidate's `stop` rung (before its result) or right after
+    a `promote` rung (the candidate between its rungs); `resume` records the stopped candidate's result from the
+    journal (no item scored again) or continues the race at its next rung, and ends with the uninterrupted run's
+    candidates, decisions, results and front."""
     src, state, summary = racing_again
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(src / "config.yaml", run_dir / "config.yaml")
-    keep, stopped, mid = _cut(src / "journal.jsonl")
+    keep, cid = _cut(src / "journal.jsonl", kind)
     lines = (src / "journal.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "journal.jsonl").write_text("".join(lines[:keep]))
     cut = _events(run_dir)
-    assert stopped not in {e["id"] for e in _of(cut, "result")} and mid not in {
-        e["id"] for e in _of(cut, "result")
-    }
-    seen_before = {e["rung"] for e in _of(cut, "rung") if e["id"] == mid}
+    assert cid not in {e["id"] for e in _of(cut, "result")}
+    seen_before = {e["rung"] for e in _of(cut, "rung") if e["id"] == cid}
     assert 0 in seen_before
 
     state2, summary2 = resume(run_dir)
@@ -330,11 +322,11 @@ def test_a_run_killed_mid_race_resumes_to_the_uninterrupted_runs_results(racing_
     assert b["results"] == a["results"]
     assert b == a
     assert state2.forward_passes == state.forward_passes == _passes(events)
-    # the stopped candidate was not evaluated again; the mid-race one resumed after its journaled rungs
-    assert not [e for e in events[keep:] if e["event"] == "rung" and e["id"] == stopped]
-    after = [e["rung"] for e in events[keep:] if e["event"] == "rung" and e["id"] == mid]
-    uninterrupted = [e["rung"] for e in _of(_events(src), "rung") if e["id"] == mid]
-    assert after == [r for r in uninterrupted if r not in seen_before] and after
+    # a stopped candidate is not evaluated again; a promoted one resumes after its journaled rungs
+    after = [e["rung"] for e in events[keep:] if e["event"] == "rung" and e["id"] == cid]
+    uninterrupted = [e["rung"] for e in _of(_events(src), "rung") if e["id"] == cid]
+    assert after == [r for r in uninterrupted if r not in seen_before]
+    assert bool(after) == (kind == "promote")
     assert _of(events[keep:], "resume")
     assert summary2["best"]["id"] == summary["best"]["id"]
     assert [r["id"] for r in summary2["front"]] == [r["id"] for r in summary["front"]]
