@@ -155,7 +155,11 @@ class WorkersConfig(_Strict):
     pool and target model on its GPU (`device: auto`). `pool_dtype` stores the resident sources (bfloat16
     halves their memory; merges still accumulate in fp32), `model_dtype` is the target model's (evaluation)
     dtype. `pool_device: cpu` keeps the pool in (pinned) host memory and streams each tensor to the GPU target
-    during the candidate switch: pools larger than GPU memory, at PCIe speed (results are the same)."""
+    during the candidate switch: pools larger than GPU memory, at PCIe speed (results are the same).
+    `batch`: at most this many candidates per worker call, for cheap evaluators (milliseconds: the digits MLP,
+    function objectives) whose per-call cost would otherwise dominate; the driver keeps `count x batch`
+    candidates asked ahead (a fixed window, so an ordered run stays reproducible) and sizes each call from the
+    measured evaluation time (about 0.2 s of work), so seconds-long evaluations still go one per call."""
 
     count: int = Field(default=2, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
@@ -164,6 +168,7 @@ class WorkersConfig(_Strict):
     max_retries: int = Field(default=2, ge=0)
     timeout_seconds: float | None = Field(default=None, gt=0)  # per candidate; its worker is then restarted
     scheduling: Literal["ordered", "as_completed"] = "ordered"
+    batch: int = Field(default=1, ge=1)  # most candidates per worker call (see above)
     pool_dtype: Dtype = "float32"
     model_dtype: Dtype = "float32"
     pool_device: Literal["auto", "cpu"] = "auto"  # auto: the worker's device

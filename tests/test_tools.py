@@ -28,8 +28,10 @@ def test_every_tool_has_a_smoke_test():
 
 def test_bench_engine(tmp_path):
     out = _run("bench_engine.py", "--skip-switch", "--candidates", "4", "--strategies", "random",
-               "--max-workers", "2", "--sleep", "0.01", "--work", str(tmp_path))  # fmt: skip
-    assert "driver overhead per candidate" in out and "worker-pool scaling" in out
+               "--max-workers", "2", "--sleep", "0.01", "--batch-candidates", "24", "--work", str(tmp_path))  # fmt: skip
+    assert (
+        "driver overhead per candidate" in out and "worker-pool scaling" in out and "batched dispatch" in out
+    )
 
 
 def test_bench_tracking():

@@ -4,10 +4,12 @@
    returns at once (target < 10 ms);
 2. in-place candidate switch for a ~100M-parameter model vs the memory-bandwidth floor
    (bytes read + written / measured copy bandwidth; target <= 2x);
-3. worker-pool scaling with a sleeping evaluator from 1 to 16 workers (target >= 90% efficiency).
+3. worker-pool scaling with a sleeping evaluator from 1 to 16 workers (target >= 90% efficiency);
+4. batched dispatch (`workers.batch`) for a 5 ms evaluator on 2 workers, one candidate per call vs batches:
+   engine overhead per candidate = wall time per candidate x workers - the evaluation (target <= 2 ms).
 
     python tools/bench_engine.py [--skip-switch] [--work /tmp/evomerge_bench] [--candidates 200]
-        [--strategies random cma tpe nsga2] [--max-workers 16] [--sleep 0.5]
+        [--strategies random cma tpe nsga2] [--max-workers 16] [--sleep 0.5] [--batch-candidates 2000]
 """
 
 from __future__ import annotations
@@ -40,6 +42,34 @@ def synthetic_config(work: Path, name: str, strategy: str, n: int, **extra: obje
     }, "bench")  # fmt: skip
 
 
+def _seconds_per_result(run_dir: Path) -> float:
+    """Wall seconds per candidate between the first and the last result (pool start-up not counted)."""
+    times = [float(line.split('"t":')[1].split(",")[0])
+             for line in (run_dir / "journal.jsonl").read_text().splitlines() if '"event":"result"' in line]  # fmt: skip
+    return (max(times) - min(times)) / (len(times) - 1)
+
+
+def batched_dispatch(
+    n: int, work: Path, evaluation: float = 0.005, batches: tuple[int, ...] = (1, 16)
+) -> None:
+    from evomerge.runtime.run import create_run_dir, execute
+
+    print(f"\n4. batched dispatch ({n} candidates, {evaluation * 1000:.0f} ms evaluator, 2 workers, random)")
+    print(f"{'batch':>5} {'wall ms/cand':>13} {'overhead ms/cand':>17} {'vs batch 1':>11}")
+    first = None
+    for batch in batches:
+        evaluator = {"type": "function", "function": "evomerge.evaluate.synthetic:sleep",
+                     "kwargs": {"seconds": evaluation}}  # fmt: skip
+        cfg = synthetic_config(work, f"batch{batch}", "random", n, evaluator=evaluator,
+                               workers={"count": 2, "batch": batch}, tracking={"enabled": False})  # fmt: skip
+        run_dir = create_run_dir(cfg, None, None)
+        execute(run_dir, cfg)
+        per = _seconds_per_result(run_dir)
+        overhead = per * 2 - evaluation
+        first = first or overhead
+        print(f"{batch:5d} {per * 1000:13.2f} {overhead * 1000:17.2f} {overhead / first:10.2f}x")
+
+
 def driver_overhead(strategies: list[str], n: int, work: Path) -> None:
     from evomerge.runtime.run import create_run_dir, execute
 
@@ -52,10 +82,7 @@ def driver_overhead(strategies: list[str], n: int, work: Path) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         execute(run_dir, cfg)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        events = [line for line in (run_dir / "journal.jsonl").read_text().splitlines() if '"result"' in line]
-        first = min(float(line.split('"t":')[1].split(",")[0]) for line in events)
-        last = max(float(line.split('"t":')[1].split(",")[0]) for line in events)
-        per = (last - first) / (len(events) - 1) * 1000
+        per = _seconds_per_result(run_dir) * 1000
         print(f"{name:10} {per:13.2f} {cpu / n * 1000:19.2f}   (whole call incl. pool start: {wall:.1f} s)")
 
 
@@ -150,6 +177,7 @@ def main() -> None:
     parser.add_argument(
         "--sleep", type=float, default=0.5, help="scaling: the evaluator's seconds per candidate"
     )
+    parser.add_argument("--batch-candidates", type=int, default=2000, help="batched dispatch: candidates")
     args = parser.parse_args()
     import ray
 
@@ -157,6 +185,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         driver_overhead(args.strategies, args.candidates, Path(tmp))
+        batched_dispatch(args.batch_candidates, Path(tmp))
     counts = [2**i for i in range(args.max_workers.bit_length()) if 2**i <= args.max_workers]
     scaling(counts, per_worker=6, seconds=args.sleep)
     ray.shutdown()

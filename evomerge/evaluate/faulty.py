@@ -45,8 +45,9 @@ def faulty(
     **_ignored: Any,
 ) -> dict[str, Any]:
     """The quadratic objectives of `evomerge.evaluate.synthetic`, except for a `fraction` of the recipes:
-    `raise` (RuntimeError), `hang` (sleep an hour), `nan` (q0 = NaN), `inf`, `missing` (no q1), `shape`
-    (q0 a list). With `marks`, a fault fires only on a recipe's first attempt (the retry succeeds)."""
+    `raise` (RuntimeError), `hang` (sleep an hour), `exit` (the process dies), `nan` (q0 = NaN), `inf`,
+    `missing` (no q1), `shape` (q0 a list). With `marks`, a fault fires only on a recipe's first attempt (the
+    retry succeeds)."""
     time.sleep(seconds)
     scores: dict[str, Any] = quadratic(recipe)
     if _fraction(recipe) >= fraction or (marks is not None and not _first_time(recipe, marks)):
@@ -55,6 +56,8 @@ def faulty(
         raise RuntimeError("injected evaluator fault")
     if mode == "hang":
         time.sleep(3600)
+    if mode == "exit":  # the worker process dies (Ray restarts it)
+        os._exit(1)
     if mode == "nan":
         scores["q0"] = math.nan
     elif mode == "inf":

@@ -53,7 +53,10 @@ def unpack_all(samples: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 class _OneCallPlan:
-    """A plan whose candidates take one call each: nothing to remember between calls or across a resume."""
+    """A plan whose candidates take one call each: nothing to remember between calls or across a resume
+    (so the search may put several candidates in one worker call)."""
+
+    one_call = True
 
     def on_ask(self, cid: str, told_before: int) -> None: ...
 

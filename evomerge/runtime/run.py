@@ -154,15 +154,15 @@ def objectives_of(config: RunConfig) -> list[Objective]:
 def build_strategy(
     config: RunConfig, space: Any, objectives: list[Objective], run_dir: Path | None = None
 ) -> Any:
-    """The configured strategy; `num_workers` and, for model-space strategies, the run dir's member store
-    (`RUN_DIR/members`) are filled in when the strategy takes them."""
+    """The configured strategy; `num_workers` (the candidates in flight: workers x batch) and, for model-space
+    strategies, the run dir's member store (`RUN_DIR/members`) are filled in when the strategy takes them."""
     from evomerge.strategies import STRATEGIES
 
     cls = STRATEGIES.get(config.strategy.name)
     options = dict(config.strategy.options)
     params = inspect.signature(cls).parameters
     if "num_workers" in params and "num_workers" not in options:
-        options["num_workers"] = config.workers.count
+        options["num_workers"] = config.workers.count * config.workers.batch
     if "store_dir" in params and run_dir is not None:  # inside the run dir (config.py refuses anything else)
         options["store_dir"] = str(Path(run_dir).resolve() / options.get("store_dir", "members"))
     return cls(space, n_objectives=len(objectives), seed=config.seed, weights=[o.weight for o in objectives],
@@ -382,7 +382,8 @@ def execute(
                             scheduling=config.workers.scheduling, max_retries=config.workers.max_retries,
                             timeout=config.workers.timeout_seconds, on_progress=on_progress,
                             observers=observers, plan=plan, cache=config.fidelity.cache,
-                            rescore=config.fidelity.rescore if config.fidelity.reduced else 0)  # fmt: skip
+                            rescore=config.fidelity.rescore if config.fidelity.reduced else 0,
+                            batch=config.workers.batch)  # fmt: skip
             state = search.run()
     finally:
         pool.shutdown()

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 PROGRESS_EVERY = 0.25  # seconds between progress callbacks
+BATCH_SECONDS = 0.2  # a worker call holds as many candidates as take this long to evaluate (at most `batch`)
 
 
 class ResumeError(EvomergeError):
@@ -313,6 +314,7 @@ class Search:
         plan: Any = None,
         cache: bool = True,
         rescore: int = 0,
+        batch: int = 1,
     ) -> None:
         self.strategy, self.objectives, self.journal, self.pool = strategy, objectives, journal, pool
         self.plan = plan or ExactPlan()
@@ -330,6 +332,11 @@ class Search:
         self.on_progress = on_progress
         self.observers = list(observers or [])
         self.attempts: dict[str, int] = {}
+        # batched dispatch: `batch` candidates per worker call at most, `count x batch` asked ahead (a fixed
+        # window, so an ordered run stays reproducible); the call size follows the measured evaluation time
+        self.batch = batch if getattr(self.plan, "one_call", False) else 1  # racing: one candidate per call
+        self.eval_seconds: float | None = None  # moving mean of one evaluation, worker side
+        self.solo: set[str] = set()  # were in a call whose worker died or timed out: next time alone
         self.session_start = time.time()
         self._next_progress = 0.0
 
@@ -451,6 +458,10 @@ class Search:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SearchState:
+        with self.journal.grouped():
+            return self._run()
+
+    def _run(self) -> SearchState:
         import ray
 
         for cid in list(self.state.waiting):  # killed between a race's last `rung` (stop/done) and its result
@@ -464,29 +475,32 @@ class Search:
         # results recorded but not yet told (ordered mode, killed while an older candidate ran)
         self._after_result_all()
         if not self.state.candidates and self.can_ask():
-            self._ask(len(self.pool.actors))
-        # ref -> (candidate id, worker); a None id is a ping to a starting or restarting worker, idle again once
-        # it answers (so a timeout never counts a worker's start-up, and a constructor error surfaces here)
+            self._ask(len(self.pool.actors) * self.batch)
+        # ref -> (candidate ids, worker); no ids: a ping to a starting or restarting worker, idle again once it
+        # answers (so a timeout never counts a worker's start-up, and a constructor error surfaces here)
         idle: list[int] = []
-        in_flight: dict[Any, tuple[str | None, int]] = {
-            a.pid.remote(): (None, w) for w, a in enumerate(self.pool.actors)
+        in_flight: dict[Any, tuple[tuple[str, ...], int]] = {
+            a.pid.remote(): ((), w) for w, a in enumerate(self.pool.actors)
         }
         while True:
-            running = {cid for cid, _ in in_flight.values() if cid is not None}
+            running = {cid for cids, _ in in_flight.values() for cid in cids}
             busy = {self.recipe_key(c) for c in running} if self.cache else set()
+            todo: list[str] = []
             for cid in [c for c in self.state.waiting if c not in running]:
                 if self._from_cache(cid):
                     continue
-                if not idle:
+                if len(todo) >= len(idle) * self.per_call():
                     break
-                if self.cache and self.recipe_key(cid) in busy:  # its twin is running: wait for that result
-                    continue
-                w = idle.pop(0)
-                self.attempts[cid] = self.attempts.get(cid, 0) + 1
-                self._dispatch(in_flight, cid, w, self.plan.first(cid))
-                running.add(cid)
                 if self.cache:
+                    if self.recipe_key(cid) in busy:  # its twin is running: wait for that result
+                        continue
                     busy.add(self.recipe_key(cid))
+                todo.append(cid)
+            for cids in self.calls(todo, len(idle))[: len(idle)]:
+                for cid in cids:
+                    self.attempts[cid] = self.attempts.get(cid, 0) + 1
+                    running.add(cid)
+                self._dispatch(in_flight, [(cid, self.plan.first(cid)) for cid in cids], idle.pop(0))
             if self.on_progress and time.monotonic() >= self._next_progress:  # the front costs O(n log n)
                 self._next_progress = time.monotonic() + PROGRESS_EVERY
                 self.on_progress(self.progress(len(running)))
@@ -530,6 +544,7 @@ class Search:
             todo = todo[: self.rescore_limit - len(tried)]
             if not todo:
                 return
+            self.journal.sync()
             actors = self.pool.actors
             refs = [actors[i % len(actors)].evaluate.remote(cid, self.state.candidates[cid].recipe.to_dict(), None)
                     for i, cid in enumerate(todo)]  # fmt: skip
@@ -557,12 +572,43 @@ class Search:
                         self.state.add_rescore(copy)
                         self._notify("on_rescore", copy)
 
-    def _dispatch(self, in_flight: dict[Any, tuple[str | None, int]], cid: str, w: int, items: Any) -> None:
-        recipe = self.state.candidates[cid].recipe.to_dict()
-        ref = self.pool.actors[w].evaluate.remote(cid, recipe, items)
-        in_flight[ref] = (cid, w)
-        if self.timeout is not None:
-            self.deadlines[ref] = time.monotonic() + self.timeout
+    def per_call(self) -> int:
+        """Candidates per worker call: as many as the measured evaluation time fits in BATCH_SECONDS, within
+        [1, batch] (one until the first result: a seconds-long LLM evaluation stays one per call)."""
+        if self.batch == 1 or self.eval_seconds is None:
+            return 1
+        return max(1, min(self.batch, int(BATCH_SECONDS / max(self.eval_seconds, 1e-6))))
+
+    def calls(self, todo: list[str], workers: int) -> list[list[str]]:
+        """`todo` cut into worker calls, in order, spread over the idle workers; a candidate whose last call
+        was lost (worker died, timed out) goes alone, so a candidate that kills its worker harms no other."""
+        size = max(1, min(self.per_call(), -(-len(todo) // max(workers, 1))))
+        out: list[list[str]] = []
+        current: list[str] = []
+        for cid in todo:
+            if cid in self.solo:
+                out.append([cid])
+                continue
+            current.append(cid)
+            if len(current) == size:
+                out.append(current)
+                current = []
+        return out + ([current] if current else [])
+
+    def _dispatch(self, in_flight: dict[Any, tuple[tuple[str, ...], int]], calls: list[tuple[str, Any]],
+                  w: int) -> None:  # fmt: skip
+        """One worker call for `calls` (candidate id, items: None = all); the journal is synced first (the
+        driver acts outside itself only on what the journal holds)."""
+        self.journal.sync()
+        batch = [(cid, self.state.candidates[cid].recipe.to_dict(), items) for cid, items in calls]
+        ref = self.pool.actors[w].evaluate_batch.remote(batch)
+        in_flight[ref] = (tuple(cid for cid, _ in calls), w)
+        if self.timeout is not None:  # per candidate
+            self.deadlines[ref] = time.monotonic() + self.timeout * len(calls)
+
+    def _measure(self, payload: dict[str, Any]) -> None:
+        seconds = float(payload.get("seconds", 0.0))
+        self.eval_seconds = seconds if self.eval_seconds is None else 0.9 * self.eval_seconds + 0.1 * seconds
 
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:
@@ -571,72 +617,89 @@ class Search:
             except Exception:  # an observer must never stop the search
                 log.exception("observer %s failed in %s", type(observer).__name__, hook)
 
-    def _collect(self, ray: Any, in_flight: dict[Any, tuple[str | None, int]], idle: list[int]) -> None:
+    def _collect(self, ray: Any, in_flight: dict[Any, tuple[tuple[str, ...], int]], idle: list[int]) -> None:
         """Handle whatever finished: results, failures, dead workers (kept out of `idle` until they answer),
-        candidates past their deadline."""
+        calls past their deadline."""
+        self.journal.sync()
         wait = 5.0
         if self.deadlines:
             wait = min(wait, max(0.0, min(self.deadlines.values()) - time.monotonic()))
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait)
         for ref in ready:
-            cid, w = in_flight.pop(ref)
+            cids, w = in_flight.pop(ref)
             self.deadlines.pop(ref, None)
             try:
-                payload = ray.get(ref)
+                outcomes = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the worker process died or is restarting
                 if getattr(e, "actor_init_failed", False):
                     raise WorkerStartError(f"search worker could not start: {init_error(e)}") from None
                 time.sleep(0.2)
-                in_flight[self.pool.actors[w].pid.remote()] = (None, w)  # idle again once it answers
-                if cid is None:
-                    continue
-                log.warning("worker %d died while evaluating %s: %s", w, cid, type(e).__name__)
-                if self.attempts[cid] > self.max_retries:
-                    self._record(cid, None, f"worker died {self.attempts[cid]} times ({type(e).__name__})",
-                                 "worker_died")  # fmt: skip
-                    self._after_result(cid)
+                in_flight[self.pool.actors[w].pid.remote()] = ((), w)  # idle again once it answers
+                if cids:
+                    log.warning(
+                        "worker %d died while evaluating %s: %s", w, ", ".join(cids), type(e).__name__
+                    )
+                    self._lost(cids, f"worker died {{attempts}} times ({type(e).__name__})", "worker_died")
                 continue  # re-run on a live worker
-            except ray.exceptions.RayTaskError as e:
-                idle.append(w)
+            except ray.exceptions.RayTaskError as e:  # the call itself failed: every candidate of it
                 cause = e.cause if getattr(e, "cause", None) is not None else e
-                message = f"{type(cause).__name__}: {cause}"
-                log.warning("candidate %s failed (attempt %d): %s", cid, self.attempts[cid], message)
-                if self.attempts[cid] <= self.max_retries:
-                    continue
-                self._record(cid, None, message)
-                self._after_result(cid)
-                continue
-            if cid is None:
+                outcomes = [{"error": f"{type(cause).__name__}: {cause}"}] * len(cids)
+            if not cids:
                 idle.append(w)
                 continue
-            step = self.plan.advance(cid, payload)
-            if step.rung is not None:
-                self.journal.append({**step.rung, "t": time.time()})
-            if (
-                step.items is not None
-            ):  # promoted: the same worker scores the next slice of the resident model
-                self._dispatch(in_flight, cid, w, step.items)
-                continue
-            idle.append(w)
-            self._record(cid, step.final, None)
-            self._after_result(cid)
+            promoted = False
+            for cid, outcome in zip(cids, outcomes):
+                if "error" in outcome:
+                    log.warning(
+                        "candidate %s failed (attempt %d): %s", cid, self.attempts[cid], outcome["error"]
+                    )
+                    if self.attempts[cid] > self.max_retries:
+                        self._record(cid, None, outcome["error"])
+                        self._after_result(cid)
+                    continue
+                self._measure(outcome["payload"])
+                step = self.plan.advance(cid, outcome["payload"])
+                if step.rung is not None:
+                    self.journal.append({**step.rung, "t": time.time()})
+                if (
+                    step.items is not None
+                ):  # promoted: the same worker scores the next slice of the resident model
+                    self._dispatch(in_flight, [(cid, step.items)], w)
+                    promoted = True
+                    continue
+                self._record(cid, step.final, None)
+                self._after_result(cid)
+            if not promoted:
+                idle.append(w)
         self._expire(ray, in_flight)
 
-    def _expire(self, ray: Any, in_flight: dict[Any, tuple[str | None, int]]) -> None:
-        """Kill (Ray restarts it) the worker of each candidate past its deadline; retry or record a timeout."""
+    def _lost(self, cids: tuple[str, ...], error: str, reason: str) -> None:
+        """A call's worker died or timed out. Alone, its candidate is retried or (out of attempts) recorded as
+        failed; in a batch, which candidate was at fault is unknown: each runs again alone, this attempt not
+        counted."""
+        if len(cids) > 1:
+            for cid in cids:
+                self.attempts[cid] -= 1
+                self.solo.add(cid)
+            return
+        cid = cids[0]
+        if self.attempts[cid] > self.max_retries:
+            self._record(cid, None, error.format(attempts=self.attempts[cid]), reason)
+            self._after_result(cid)
+
+    def _expire(self, ray: Any, in_flight: dict[Any, tuple[tuple[str, ...], int]]) -> None:
+        """Kill (Ray restarts it) the worker of each call past its deadline; retry or record a timeout."""
         now = time.monotonic()
         for ref in [r for r, t in self.deadlines.items() if t <= now]:
             del self.deadlines[ref]
-            cid, w = in_flight.pop(ref)
-            assert cid is not None
-            log.warning("candidate %s timed out after %.0f s (attempt %d); restarting worker %d",
-                        cid, self.timeout, self.attempts[cid], w)  # fmt: skip
+            cids, w = in_flight.pop(ref)
+            log.warning("candidate %s timed out after %.0f s (attempt %d); restarting worker %d", ", ".join(cids),
+                        self.timeout * len(cids), max(self.attempts[c] for c in cids), w)  # fmt: skip
             ray.kill(self.pool.actors[w], no_restart=False)
-            in_flight[self.pool.actors[w].pid.remote()] = (None, w)  # idle again once restarted
-            if self.attempts[cid] > self.max_retries:
-                self._record(cid, None, f"timeout: no result within {self.timeout:g} s in "
-                             f"{self.attempts[cid]} attempts", "timeout")  # fmt: skip
-                self._after_result(cid)
+            in_flight[self.pool.actors[w].pid.remote()] = ((), w)  # idle again once restarted
+            self._lost(
+                cids, f"timeout: no result within {self.timeout:g} s in {{attempts}} attempts", "timeout"
+            )
 
     def _after_result_all(self) -> None:
         """Tell what the journal holds results for but the strategy was not told (in the mode's order)."""

@@ -291,6 +291,17 @@ class Worker:
             ev = self.backend.evaluate(candidate_recipe(recipe), items=items, key=candidate_id)
         return self._payload(candidate_id, ev, start)
 
+    def evaluate_batch(self, batch: list[tuple[str, dict[str, Any], Any]]) -> list[dict[str, Any]]:
+        """Several candidates in one call (cheap evaluators: one Ray round trip for all of them), each with its
+        own outcome: `{"payload": ...}` or `{"error": "Type: message"}`, so one failure fails one candidate."""
+        out: list[dict[str, Any]] = []
+        for candidate_id, recipe, items in batch:
+            try:
+                out.append({"payload": self.evaluate(candidate_id, recipe, items)})
+            except Exception as e:  # noqa: BLE001 - reported per candidate; the driver retries or records it
+                out.append({"error": f"{type(e).__name__}: {e}"})
+        return out
+
     def evaluate_model(self, ref: str) -> dict[str, Any]:
         start = time.perf_counter()
         return self._payload(ref, self.backend.evaluate_model(ref), start)
