@@ -13,8 +13,8 @@ The loop, one phase after another (each candidate's `info["phase"]` names it):
 2. **bayes** (option `bayes_rounds`): Bayesian MAP; each round draws `bayes_points` points where the
    surrogates fit worst (hyperspherical angle bins scored by residual + bootstrap std, softmax at
    temperature 0.07).
-3. **front**: fit the surrogates (sigmoid or identity link, scipy `curve_fit` from p0 = ones and from a
-   second start, see `fit_surrogate`), run optuna's NSGA-III on them in process (population 100), and
+3. **front**: fit the surrogates (sigmoid or identity link, a bit-reproducible Levenberg-Marquardt from
+   p0 = ones and from a second start, see `fit_surrogate`), run optuna's NSGA-III on them in process (population 100), and
    ask for up to `front_points` points of the predicted front (greedily by the hypervolume their
    predictions add to the measured points [ours; the paper evaluates the front]; or well spread). Each
    carries `info["predicted"]` = {objective index: predicted value} and `info["fit"]` (R^2 on the fit
@@ -32,13 +32,15 @@ predicted for a merge still in flight), so asks never wait.
 
 Asks never wait for results: a fit uses whatever is told when it is needed; while too few successes are
 told to fit (fewer than the quadratic's parameter count), asks return uniform points of the box (phase
-"extra"). A surrogate fit that fails (curve_fit does not converge) is a `StrategyError` naming the
-objective. Determinism: every draw comes from `self.rng` (NSGA-III gets a seed drawn from it), the fits
-use the told points in ask order, so replaying the journal's calls rebuilds the same candidates.
+"extra"). A surrogate fit that fails (no finite coefficients) is a `StrategyError` naming the objective.
+Determinism: every draw comes from `self.rng` (NSGA-III gets a seed drawn from it), the fits use the told
+points in ask order and are bit-reproducible in any process (`levenberg`: no BLAS, no SIMD transcendental
+loops), so replaying the journal's calls rebuilds the same candidates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -50,6 +52,13 @@ import numpy as np
 
 from evomerge.space.base import Space
 from evomerge.strategies.base import STRATEGIES, Candidate, Result, Strategy, StrategyError
+from evomerge.strategies.levenberg import (
+    LINK_FUNCTIONS,
+    apply,
+    levenberg_marquardt,
+    linear_least_squares,
+    linear_predictor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +81,6 @@ def quadratic_features(x: np.ndarray) -> np.ndarray:
     return np.column_stack([x**2, *cross, x, np.ones(n)]) if cross else np.column_stack([x**2, x, np.ones(n)])
 
 
-def _sigmoid(q: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * q))  # overflow-free logistic
-
-
-def _softplus(q: np.ndarray) -> np.ndarray:
-    return np.logaddexp(0.0, q)
-
-
-_LINK_FN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "sigmoid": _sigmoid,
-    "identity": lambda q: q,
-    "softplus": _softplus,
-}
-
-
 def resolve_link(link: str, y: np.ndarray) -> str:
     """`auto`: sigmoid for scores in [0, 1] (accuracies), identity otherwise."""
     if link != "auto":
@@ -94,19 +88,10 @@ def resolve_link(link: str, y: np.ndarray) -> str:
     return "sigmoid" if np.all((y >= 0.0) & (y <= 1.0)) else "identity"
 
 
-def _dot(feats: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """feats @ beta accumulated column by column: elementwise IEEE arithmetic, so the result does not
-    depend on BLAS threads or memory alignment (matmul's does, and a sigmoid fit from 20 points can land
-    in another local optimum after a last-bit difference, which would break journal replay)."""
-    q = feats[:, 0] * beta[0]
-    for k in range(1, feats.shape[1]):
-        q = q + feats[:, k] * beta[k]
-    return q
-
-
 def predict(beta: np.ndarray, x: np.ndarray, link: str) -> np.ndarray:
-    """phi(q(x)) for the fitted coefficients beta."""
-    return _LINK_FN[link](_dot(quadratic_features(x), np.asarray(beta, dtype=np.float64)))
+    """phi(q(x)) for the fitted coefficients beta, computed bit-reproducibly (see `levenberg`)."""
+    q = linear_predictor(quadratic_features(x), np.asarray(beta, dtype=np.float64))
+    return apply(LINK_FUNCTIONS[link][0], q)
 
 
 class SurrogateFitError(StrategyError):
@@ -117,48 +102,39 @@ def _inverse_link(y: np.ndarray, link: str) -> np.ndarray:
     """phi^-1 of the targets, clipped into the link's range (a starting point for the fit)."""
     if link == "sigmoid":
         p = np.clip(y, 0.01, 0.99)
-        return np.log(p / (1 - p))
+        return apply(math.log, p / (1 - p))
     if link == "softplus":
-        return np.log(np.expm1(np.maximum(y, 1e-3)))
+        return apply(lambda v: math.log(math.expm1(v)), np.maximum(y, 1e-3))
     return y
 
 
 def fit_surrogate(x: np.ndarray, y: np.ndarray, link: str) -> np.ndarray:
-    """Non-linear least squares of y ~ phi(q(x)) (scipy curve_fit). Starts from p0 = ones (the paper) and,
-    for a non-identity link, also from the linear least-squares fit of phi^-1(y): from ones a sigmoid
-    starts saturated and often stalls far from the optimum (R^2 < 0 on the zoo's 20 design points, 0.99
-    from the second start). The start with the lower squared error wins; raises SurrogateFitError when
-    neither converges."""
-    from scipy.optimize import OptimizeWarning, curve_fit
-
+    """Least squares of y ~ phi(q(x)), bit-reproducible in any process (`levenberg`: a journal replay refits
+    every surrogate to the same last bit). Levenberg-Marquardt from p0 = ones (the paper) and, for a
+    non-identity link, from the linear least-squares fit of phi^-1(y): from ones a sigmoid starts saturated and
+    often stalls far from the optimum. The start with the lower squared error wins. The identity link is
+    linear least squares, solved in closed form. Raises SurrogateFitError when no start gives finite
+    coefficients."""
     feats = quadratic_features(x)
     p = feats.shape[1]
     y = np.asarray(y, dtype=np.float64)
     if len(y) < p:
         raise SurrogateFitError(f"{len(y)} points cannot fit {p} quadratic parameters")
-    fn = _LINK_FN[link]
-
-    def model(f: np.ndarray, *beta: float) -> np.ndarray:
-        return fn(_dot(f, np.asarray(beta)))
-
-    starts = [np.ones(p)]
-    if link != "identity":  # rounded to 8 digits: lstsq's last bits depend on BLAS (see _dot)
-        start = np.linalg.lstsq(feats, _inverse_link(y, link), rcond=None)[0]
-        starts.append(np.array([float(f"{v:.8g}") for v in start]))
-    best, best_sse, error = None, np.inf, ""
-    for p0 in starts:
+    if link == "identity":
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OptimizeWarning)
-                beta, _ = curve_fit(model, feats, y, p0=p0, maxfev=20000)
-        except (RuntimeError, ValueError) as e:
-            error = str(e).strip()
-            continue
-        sse = math.fsum((fn(_dot(feats, beta)) - y) ** 2)
-        if np.all(np.isfinite(beta)) and sse < best_sse:
-            best, best_sse = beta, sse
+            return linear_least_squares(feats, y)
+        except ValueError as e:
+            raise SurrogateFitError(str(e)) from None
+    starts = [np.ones(p)]
+    with contextlib.suppress(ValueError):  # degenerate design: the ones start alone
+        starts.append(linear_least_squares(feats, _inverse_link(y, link)))
+    best, best_sse = None, math.inf
+    for p0 in starts:
+        beta, err = levenberg_marquardt(feats, y, p0, link)
+        if np.all(np.isfinite(beta)) and err < best_sse:
+            best, best_sse = beta, err
     if best is None:
-        raise SurrogateFitError(error or "non-finite coefficients")
+        raise SurrogateFitError("non-finite coefficients")
     return best
 
 
@@ -333,8 +309,8 @@ def hypervolume_pick(y: np.ndarray, measured: np.ndarray, count: int) -> list[in
 
 
 def _norm(x: np.ndarray) -> np.ndarray:
-    """Row norms by elementwise accumulation (alignment-independent, see _dot)."""
-    return np.sqrt(_dot(x * x, np.ones(x.shape[1])))
+    """Row norms with exactly rounded sums (alignment-independent, see `levenberg`)."""
+    return np.sqrt(linear_predictor(x * x, np.ones(x.shape[1])))
 
 
 def to_hyperspherical(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -396,8 +372,8 @@ def bin_scores(
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
     z = scores / temperature
     z = np.where(np.isfinite(z), z - np.max(z[np.isfinite(z)]), -np.inf)
-    p = np.exp(z)
-    return p / p.sum()
+    p = apply(math.exp, z)  # math.exp(-inf) = 0; element by element: alignment-independent bits
+    return p / math.fsum(p)
 
 
 def bayes_sample(
@@ -689,13 +665,13 @@ class MAP(Strategy):
         fx, fy = surrogate_front(fn, np.zeros(2), np.ones(2), seed=seed, population=self.population,
                                  generations=self.generations)  # fmt: skip
         pref = np.array([len(s) for s in sides], dtype=np.float64)
-        best = int(np.argmax(fy @ (pref / np.linalg.norm(pref))))
+        best = int(np.argmax(linear_predictor(fy, pref / math.sqrt(math.fsum(pref * pref)))))
         a, b = fx[best]
         merged = {
             "vec": a * mi["vec"] + b * mj["vec"],
             "tasks": tuple(sorted(mi["tasks"] + mj["tasks"])),
             "cid": None,
-            "predicted": float(fy[best] @ pref / pref.sum()),
+            "predicted": math.fsum(fy[best] * pref) / math.fsum(pref),
         }
         self._models = [m for n, m in enumerate(self._models) if n not in (i, j)] + [merged]
         self._stage = None
