@@ -34,6 +34,24 @@ def final(curve: list[tuple[int, float, float]]) -> tuple[int, float, float]:
     return max(curve)
 
 
+def passes_to_reach(curve: list[tuple[int, float, float]], accuracy: float) -> int | None:
+    """The first forward-pass count at which the curve's test accuracy reaches `accuracy` (None: never)."""
+    return next((fp for fp, _, test in sorted(curve) if test >= accuracy), None)
+
+
+def sample_efficiency(runs, part: str, method: str, against: str) -> dict[str, float] | None:
+    """Passes `method` needs to reach `against`'s mean final test accuracy (the paper's sample-efficiency
+    claim): per seed, and the median over seeds as a fraction of `against`'s budget."""
+    if (part, method) not in runs or (part, against) not in runs:
+        return None
+    target = float(np.mean([final(c)[2] for c in runs[part, against].values()]))
+    budget = max(final(c)[0] for c in runs[part, against].values())
+    needed = [passes_to_reach(c, target) for c in runs[part, method].values()]
+    reached = [n for n in needed if n is not None]
+    return {"target": target, "budget": budget, "reached": len(reached), "seeds": len(needed),
+            "median_passes": float(np.median(reached)) if reached else float("nan")}  # fmt: skip
+
+
 def main() -> None:
     runs = load(HERE / "curves.csv")
     rows = []
@@ -42,7 +60,7 @@ def main() -> None:
         rows.append({
             "part": part, "method": method, "seeds": len(seeds), "forward_passes": int(ends[:, 0].max()),
             "train_mean": ends[:, 1].mean(), "train_std": ends[:, 1].std(),
-            "test_mean": ends[:, 2].mean(), "test_std": ends[:, 2].std(),
+            "test_mean": ends[:, 2].mean(), "test_std": ends[:, 2].std(), "test_median": float(np.median(ends[:, 2])),
         })  # fmt: skip
     with (HERE / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -72,7 +90,14 @@ def main() -> None:
         fig.savefig(HERE / f"{part}.png", dpi=120)
     for r in rows:
         print(f"{r['part']:10s} {r['method']:18s} n={r['seeds']} fp={r['forward_passes']:6d} "
-              f"train {r['train_mean']:.3f}±{r['train_std']:.3f}  test {r['test_mean']:.3f}±{r['test_std']:.3f}")  # fmt: skip
+              f"train {r['train_mean']:.3f}±{r['train_std']:.3f}  test {r['test_mean']:.3f}±{r['test_std']:.3f} "
+              f"(median {r['test_median']:.3f})")  # fmt: skip
+    for against in ("cma_es_iso", "cma_es_sep"):
+        eff = sample_efficiency(runs, "scratch", "m2n2", against)
+        if eff:
+            print(f"m2n2 reaches {against}'s final {eff['target']:.3f} in {eff['reached']}/{eff['seeds']} seeds, "
+                  f"median {eff['median_passes']:.0f} passes ({eff['median_passes'] / eff['budget']:.0%} of "
+                  f"{eff['budget']})")  # fmt: skip
 
 
 if __name__ == "__main__":
