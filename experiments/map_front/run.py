@@ -5,7 +5,8 @@ in-place merges, lm-eval on the zoo's validation tasks).
     .venv/bin/python experiments/map_front/run.py            # ~15 min on 2 cores
     .venv/bin/python experiments/map_front/run.py --levels 6 --seeds 0   # a quicker look
 
-Writes, next to this file: `curves.csv` (hypervolume and IGD+ after each evaluation, per run), `summary.csv`
+Writes, next to this file: `journals/<run>/` (the MAP runs' journal and config, replayed by the tests),
+`curves.csv` (hypervolume and IGD+ after each evaluation, per run), `summary.csv`
 (one row per run), `fronts.csv` (every evaluated point), `map_fit.json` (MAP's surrogate fit reports and
 predicted-vs-measured errors) and `map_front.png`. Hypervolume: reference point 0 (accuracies); IGD+:
 against the grid's non-dominated set. Run directories go to --out (default /tmp/map_front_runs).
@@ -205,6 +206,11 @@ def main() -> None:
         state, seconds = execute_run(cfg)
         ids, pts = points_in_order(state)
         results[(label, seed)] = {"state": state, "ids": ids, "points": pts, "seconds": seconds}
+        if label.startswith("map"):  # kept: tests/strategies/test_map_replay.py replays each in a fresh process
+            keep = HERE / "journals" / cfg.name
+            keep.mkdir(parents=True, exist_ok=True)
+            for file in ("config.yaml", "journal.jsonl"):
+                shutil.copy(Path(cfg.output) / file, keep / file)
         print(f"{label} seed {seed}: {len(pts)} evaluations in {seconds:.0f} s", flush=True)
     ray.shutdown()
 

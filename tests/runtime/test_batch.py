@@ -63,16 +63,21 @@ def test_batched_ordered_runs_are_reproducible(local_ray, pool, tmp_path, monkey
     assert {k: r["scores"] for k, r in results_a.items()} == {k: r["scores"] for k, r in results_b.items()}
 
 
-def test_a_failing_candidate_fails_alone_in_its_batch(local_ray, pool, tmp_path, monkeypatch):
-    faulty = synthetic_evaluator("faulty", "evomerge.evaluate.faulty", mode="raise", fraction=0.3)
-    config = _config(
-        pool, tmp_path / "run", candidates=32, evaluator=faulty, strategy="random", max_retries=1
-    )
+def _faulty_run(pool, tmp_path, monkeypatch, mode: str, fraction: float, candidates: int, max_retries: int):
+    """A batched run where the recipes `evomerge.evaluate.faulty` picks misbehave (`mode`): (results by id,
+    the ids it picked, the call sizes)."""
+    evaluator = synthetic_evaluator("faulty", "evomerge.evaluate.faulty", mode=mode, fraction=fraction)
+    config = _config(pool, tmp_path / "run", candidates=candidates, evaluator=evaluator, strategy="random",
+                     max_retries=max_retries)  # fmt: skip
     run_dir, sizes = _run_spying(config, monkeypatch)
     _, asked, results = journal_records(run_dir)
-    recipes = {c["id"]: recipe_from_dict(c["recipe"]) for c in asked}
-    bad = {cid for cid, r in recipes.items() if _fraction(r) < 0.3}
-    assert bad and len(bad) < 32 and max(sizes) > 1
+    bad = {c["id"] for c in asked if _fraction(recipe_from_dict(c["recipe"])) < fraction}
+    assert bad and len(bad) < candidates and max(sizes) > 1
+    return results, bad, sizes
+
+
+def test_a_failing_candidate_fails_alone_in_its_batch(local_ray, pool, tmp_path, monkeypatch):
+    results, bad, _ = _faulty_run(pool, tmp_path, monkeypatch, "raise", 0.3, candidates=32, max_retries=1)
     for cid, r in results.items():
         if cid in bad:
             assert (r["status"], r["attempts"]) == ("failed", 2) and "injected evaluator fault" in r["error"]
@@ -85,15 +90,7 @@ def test_a_candidate_that_kills_its_worker_harms_no_other_in_the_batch(
 ):
     """Its batch is lost; which candidate did it is unknown, so each runs again alone with that attempt not
     counted: the killer then fails alone (no retries here), every other candidate succeeds at its first attempt."""
-    killer = synthetic_evaluator("faulty", "evomerge.evaluate.faulty", mode="exit", fraction=0.1)
-    config = _config(
-        pool, tmp_path / "run", candidates=24, evaluator=killer, strategy="random", max_retries=0
-    )
-    run_dir, sizes = _run_spying(config, monkeypatch)
-    _, asked, results = journal_records(run_dir)
-    recipes = {c["id"]: recipe_from_dict(c["recipe"]) for c in asked}
-    bad = {cid for cid, r in recipes.items() if _fraction(r) < 0.1}
-    assert bad and max(sizes) > 1
+    results, bad, _ = _faulty_run(pool, tmp_path, monkeypatch, "exit", 0.1, candidates=24, max_retries=0)
     assert {cid for cid, r in results.items() if r["status"] != "ok"} == bad
     assert all(results[c]["reason"] == "worker_died" for c in bad)
     assert all(r["attempts"] == 1 for r in results.values())
