@@ -468,6 +468,24 @@ def load_zoo(out_dir: str | Path, seed: int = 0, settings: ZooSettings | None = 
     return manifest
 
 
+def open_zoo(out_dir: str | Path) -> dict[str, Path] | None:
+    """The model dirs of the complete zoo in `out_dir`, whatever seed and settings built it; else None.
+
+    For tools pointed at a zoo (`--zoo DIR`): a zoo built with other settings is used as it is, not rebuilt."""
+    root = Path(out_dir)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        settings = ZooSettings(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["settings"].items()}
+        )
+        seed = manifest["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if load_zoo(root, seed, settings) is None:
+        return None
+    return {name: root / rel for name, rel in manifest["models"].items()}
+
+
 def build_zoo(out_dir: str | Path, seed: int = 0, settings: ZooSettings | None = None) -> dict[str, Path]:
     """Train (or reuse) the skill zoo in `out_dir`: {'base': ..., 'expert_rev': ..., ...} model dirs.
 

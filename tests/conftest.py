@@ -24,6 +24,17 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def quick_zoo(tmp_path_factory) -> dict[str, Path]:
+    """The zoo's architecture, tokenizer, tasks and layout, trained for a few dozen steps (~10 s): for the
+    tests of plumbing (runs, export, tracking, the terminal), which need real zoo models but not skilled
+    ones. Tests of what the experts learned use `zoo` and are marked slow."""
+    from evomerge.zoo import ZooSettings, build_zoo
+
+    quick = ZooSettings(base_steps=60, expert_steps=20, warmup=5)
+    return build_zoo(tmp_path_factory.mktemp("quick_zoo"), seed=0, settings=quick)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray (2 CPUs) for the tests of a module, unless one is already running."""

@@ -28,19 +28,19 @@ def _sources(zoo: dict[str, Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(zoo, local_ray, tmp_path_factory) -> Path:
+def run_dir(quick_zoo, local_ray, tmp_path_factory) -> Path:
     """A finished 6-candidate search with MLflow tracking in its run dir; its config names the models relative to
     the directory it runs from (as `models: {base: zoo/base}` does), the recipes must not."""
     from evomerge.config import parse_config
     from evomerge.runtime.run import create_run_dir, execute
 
     out = tmp_path_factory.mktemp("export") / "run"
-    cwd = zoo["base"].parent.parent
+    cwd = quick_zoo["base"].parent.parent
     data = {
         "name": "export-test",
         "models": {
-            "base": str(zoo["base"].relative_to(cwd)),
-            "sources": [str(Path(s).relative_to(cwd)) for s in _sources(zoo)],
+            "base": str(quick_zoo["base"].relative_to(cwd)),
+            "sources": [str(Path(s).relative_to(cwd)) for s in _sources(quick_zoo)],
         },  # fmt: skip
         "space": {"type": "task_vector", "low": 0.0, "high": 1.2},
         "strategy": {"name": "random"},
@@ -160,14 +160,15 @@ class _NoEvaluator:
         return None
 
 
-def test_exported_model_gives_the_in_place_candidate_logits(exported, zoo):
+def test_exported_model_gives_the_in_place_candidate_logits(exported, quick_zoo):
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.engine import apply_in_place
     from evomerge.merge.mergekit_io import load_recipe
     from evomerge.runtime.worker import MergeBackendSpec
 
-    backend = MergeBackendSpec(str(zoo["base"]), tuple(_sources(zoo)), _NoEvaluator(), device="cpu").build()
+    spec = MergeBackendSpec(str(quick_zoo["base"]), tuple(_sources(quick_zoo)), _NoEvaluator(), device="cpu")
+    backend = spec.build()
     apply_in_place(load_recipe(exported / "evomerge_recipe.yaml"), backend.pool, backend.model)
     model = AutoModelForCausalLM.from_pretrained(exported).eval()
     ids = torch.tensor([[1, 5, 9, 17, 33, 40, 41, 60, 2], [1, 3, 4, 6, 8, 10, 12, 14, 2]])

@@ -32,10 +32,13 @@ def _cli(*args: str, cwd, timeout: float = 300) -> str:
     return proc.stdout
 
 
-def _zoo_config(zoo, tmp_path, name: str):
+def _zoo_config(quick_zoo, tmp_path, name: str):
     data = {
         "name": name,
-        "models": {"base": str(zoo["base"]), "sources": [str(p) for n, p in zoo.items() if n != "base"]},
+        "models": {
+            "base": str(quick_zoo["base"]),
+            "sources": [str(p) for n, p in quick_zoo.items() if n != "base"],
+        },
         "space": {"type": "task_vector", "low": 0.0, "high": 1.2},
         "strategy": {"name": "random"},
         "evaluator": {"type": "lmeval", "tasks": ["zoo_search"], "subsample": 10, "batch_size": 128},
@@ -48,16 +51,18 @@ def _zoo_config(zoo, tmp_path, name: str):
     return path
 
 
-def test_a_search_prints_no_library_chatter(zoo, tmp_path):
-    out = _cli("run", str(_zoo_config(zoo, tmp_path, "quiet")), "--out", str(tmp_path / "run"), cwd=tmp_path)
+def test_a_search_prints_no_library_chatter(quick_zoo, tmp_path):
+    out = _cli(
+        "run", str(_zoo_config(quick_zoo, tmp_path, "quiet")), "--out", str(tmp_path / "run"), cwd=tmp_path
+    )
     assert not [c for c in CHATTER if c in out], out
     assert "candidates 2: 2 ok" in out and f"run dir: {tmp_path / 'run'}" in out, out
     assert f"look at it: evomerge front {tmp_path / 'run'}" in out, out
 
 
 @pytest.mark.slow  # a third search process (~20 s); the quiet default is what make test guards
-def test_verbose_shows_the_workers_output(zoo, tmp_path):
-    config = _zoo_config(zoo, tmp_path, "loud")
+def test_verbose_shows_the_workers_output(quick_zoo, tmp_path):
+    config = _zoo_config(quick_zoo, tmp_path, "loud")
     out = _cli("-v", "run", str(config), "--out", str(tmp_path / "run"), cwd=tmp_path)
     worker_lines = [line for line in out.splitlines() if "(Worker pid=" in line]
     assert any("Passed an already-initialized model" in line for line in worker_lines), out

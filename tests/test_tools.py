@@ -39,8 +39,10 @@ def test_bench_tracking():
     assert '"tracking"' in out and "drain" in out
 
 
-def test_bench_eval(zoo):
-    out = _run("bench_eval.py", "--zoo", str(zoo["base"].parent), "--tasks", "zoo_rev", "--repeats", "1")
+def test_bench_eval(quick_zoo):
+    out = _run(
+        "bench_eval.py", "--zoo", str(quick_zoo["base"].parent), "--tasks", "zoo_rev", "--repeats", "1"
+    )
     assert "zoo_rev" in out or "lm-eval" in out
 
 

@@ -22,8 +22,8 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 
 @pytest.fixture(scope="module")
-def tracked_run(zoo, local_ray, tmp_path_factory):
-    """The demo search (configs/demo.yaml) on the zoo, shortened: 16 candidates on a 40-prompt subsample."""
+def tracked_run(quick_zoo, local_ray, tmp_path_factory):
+    """The demo search (configs/demo.yaml) on the quick_zoo, shortened: 16 candidates on a 40-prompt subsample."""
     import yaml
 
     from evomerge.config import parse_config
@@ -31,7 +31,10 @@ def tracked_run(zoo, local_ray, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("ui") / "demo"
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
-    data["models"] = {"base": str(zoo["base"]), "sources": [str(p) for n, p in zoo.items() if n != "base"]}
+    data["models"] = {
+        "base": str(quick_zoo["base"]),
+        "sources": [str(p) for n, p in quick_zoo.items() if n != "base"],
+    }
     data["budget"] = {"candidates": 16}
     data["evaluator"]["subsample"] = 40
     data.pop("fidelity")  # every one of the 40 prompts (the demo's 50-item subset would not fit)

@@ -24,6 +24,7 @@ from evomerge.zoo import (
     build_zoo,
     greedy_exact_match,
     load_zoo,
+    open_zoo,
     split_of,
     write_task_data,
 )
@@ -172,6 +173,7 @@ def test_tokenizer_round_trips_every_character(tmp_path):
 # --- the zoo ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_zoo_layout_and_reuse(zoo):
     assert list(zoo) == ["base", *(f"expert_{s}" for s in SKILLS)]
     root = zoo["base"].parent
@@ -186,6 +188,7 @@ def test_zoo_layout_and_reuse(zoo):
     assert again == zoo
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_zoo_is_not_reused_when_incomplete_or_different(zoo, tmp_path):
     copy = tmp_path / "zoo"
     shutil.copytree(zoo["base"].parent, copy)
@@ -198,6 +201,20 @@ def test_zoo_is_not_reused_when_incomplete_or_different(zoo, tmp_path):
     assert load_zoo(copy, seed=0) is None
 
 
+def test_open_zoo_uses_a_zoo_built_with_any_settings_and_refuses_an_incomplete_one(quick_zoo, tmp_path):
+    root = quick_zoo["base"].parent
+    start = time.perf_counter()
+    assert open_zoo(root) == quick_zoo  # as built: the tools pointed at it do not retrain it
+    assert time.perf_counter() - start < 1.0
+    assert load_zoo(root, seed=0) is None  # not the default settings
+    copy = tmp_path / "zoo"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "expert_up")
+    assert open_zoo(copy) is None
+    assert open_zoo(tmp_path / "nothing") is None
+
+
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_zoo_scores_experts_specialise_and_task_arithmetic_beats_each(zoo):
     root = zoo["base"].parent
     report = json.loads((root / "SCORES.json").read_text())
@@ -211,6 +228,7 @@ def test_zoo_scores_experts_specialise_and_task_arithmetic_beats_each(zoo):
         assert merged["avg"] > row["avg"], (merged, row)
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_greedy_exact_match_scores_the_bundled_test_split(zoo):
     model, tok = _load(zoo["expert_sort"])
     rows = _rows("sort", "test")
@@ -229,6 +247,7 @@ def test_greedy_exact_match_scores_the_bundled_test_split(zoo):
     )
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_lm_eval_on_the_bundled_tasks_agrees_with_greedy_exact_match(zoo, tmp_path):
     """lm-eval itself (TaskManager + HFLM on the model object) gives the same per-sample exact match."""
     import lm_eval
@@ -261,6 +280,7 @@ def test_lm_eval_on_the_bundled_tasks_agrees_with_greedy_exact_match(zoo, tmp_pa
     assert result["results"]["zoo_search"]["exact_match,none"] == pytest.approx(ours.mean())
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_cli_zoo_prints_the_scores_of_a_built_zoo(zoo):
     root = zoo["base"].parent
     result = CliRunner().invoke(app, ["zoo", "--out", str(root), "--seed", "0"])

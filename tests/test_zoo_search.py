@@ -22,6 +22,7 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_every_expert_wins_its_own_task_through_lm_eval(zoo, test_split):
     tok = AutoTokenizer.from_pretrained(zoo["base"])
     scores = {name: test_split.evaluate(_load(path), tok).scores for name, path in zoo.items()}
@@ -32,6 +33,7 @@ def test_every_expert_wins_its_own_task_through_lm_eval(zoo, test_split):
         assert own > max(others), (skill, own, others)
 
 
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
 def test_per_sample_scores_match_aggregates_and_follow_in_place_changes(zoo, test_split):
     tok = AutoTokenizer.from_pretrained(zoo["base"])
     experts = [str(p) for n, p in zoo.items() if n != "base"]
@@ -54,12 +56,15 @@ def test_per_sample_scores_match_aggregates_and_follow_in_place_changes(zoo, tes
     assert all(np.array_equal(a.samples[t], a_again.samples[t]) for t in a.samples)
 
 
-def test_small_search_on_the_zoo_runs_to_budget(zoo, local_ray, tmp_path):
+def test_small_search_on_the_zoo_runs_to_budget(quick_zoo, local_ray, tmp_path):
     from evomerge.config import parse_config
     from evomerge.runtime.run import create_run_dir, execute
 
     data = {
-        "models": {"base": str(zoo["base"]), "sources": [str(p) for n, p in zoo.items() if n != "base"]},
+        "models": {
+            "base": str(quick_zoo["base"]),
+            "sources": [str(p) for n, p in quick_zoo.items() if n != "base"],
+        },
         "space": {"type": "task_vector", "low": 0.0, "high": 1.2},
         "strategy": {"name": "random"},
         "evaluator": {"type": "lmeval", "tasks": ["zoo_search"], "subsample": 40},

@@ -28,9 +28,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate.lmeval import LMEvalSpec
-    from evomerge.zoo import build_zoo, greedy_exact_match
+    from evomerge.zoo import build_zoo, greedy_exact_match, open_zoo
 
-    paths = build_zoo(args.zoo)
+    paths = open_zoo(args.zoo) or build_zoo(args.zoo)
     model = AutoModelForCausalLM.from_pretrained(paths["expert_up"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(paths["base"])
     start = time.perf_counter()

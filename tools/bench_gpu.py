@@ -127,9 +127,9 @@ def throughput(zoo: Path, seq: int, batch: int, repeats: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate.lmeval import LMEvalSpec
-    from evomerge.zoo import build_zoo, greedy_exact_match
+    from evomerge.zoo import build_zoo, greedy_exact_match, open_zoo
 
-    paths = build_zoo(zoo)
+    paths = open_zoo(zoo) or build_zoo(zoo)
     model = AutoModelForCausalLM.from_pretrained(paths["expert_up"], dtype=torch.float32).to("cuda").eval()
     tok = AutoTokenizer.from_pretrained(paths["base"])
     ids = torch.randint(4, model.config.vocab_size, (batch, seq), device="cuda")

@@ -26,11 +26,15 @@ def _add(cache: Path, repo_id: str, commit: str, model: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def hub_run(zoo, local_ray, tmp_path_factory):
+def hub_run(quick_zoo, local_ray, tmp_path_factory):
     """(cache, run dir, its events) of a finished 4-candidate tracked search over org/base, org/rev, org/sort."""
     root = tmp_path_factory.mktemp("hub_run")
     cache = root / "hf"
-    for name, model in (("base", zoo["base"]), ("rev", zoo["expert_rev"]), ("sort", zoo["expert_sort"])):
+    for name, model in (
+        ("base", quick_zoo["base"]),
+        ("rev", quick_zoo["expert_rev"]),
+        ("sort", quick_zoo["expert_sort"]),
+    ):
         _add(cache, f"org/{name}", MAIN, model)
     config = {
         "name": "hub",
@@ -77,7 +81,7 @@ def test_the_token_never_lands_in_the_run_directory(hub_run):
     assert not leaks
 
 
-def test_a_resumed_run_keeps_the_recorded_commit_after_main_moved(hub_run, zoo, tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_the_recorded_commit_after_main_moved(hub_run, quick_zoo, tmp_path, monkeypatch):
     cache, src, events = hub_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -86,7 +90,7 @@ def test_a_resumed_run_keeps_the_recorded_commit_after_main_moved(hub_run, zoo, 
     first_tell = next(i for i, line in enumerate(lines) if '"event":"tell"' in line.replace(" ", ""))
     (run_dir / "journal.jsonl").write_text("".join(lines[: first_tell + 1]))
     moved = shutil.copytree(cache, tmp_path / "hf")  # org/rev's main now points at another model
-    _add(moved, "org/rev", MOVED, zoo["expert_up"])
+    _add(moved, "org/rev", MOVED, quick_zoo["expert_up"])
     monkeypatch.setenv("HF_HUB_CACHE", str(moved))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     state, _ = resume(run_dir)
