@@ -228,7 +228,8 @@ def merged(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with path.open() as f:
             old = [r for r in csv.DictReader(f) if (r["method"], r["seed"]) not in ran]
     return old + [
-        {k: (f"{v:.4f}" if isinstance(v, float) and k != "seconds" else str(v)) for k, v in r.items()} for r in new
+        {k: (f"{v:.4f}" if isinstance(v, float) and k != "seconds" else str(v)) for k, v in r.items()}
+        for r in new
     ]
 
 
@@ -278,7 +279,8 @@ def plot() -> None:
     for s in summary:
         if s["budget"] == "1":
             ax2.axhline(float(s["test_mean"]), ls=":", lw=1, color="grey")
-            ax2.annotate(s["method"], (1, float(s["test_mean"])), fontsize=7, color="grey", va="bottom")
+            ax2.text(0.01, float(s["test_mean"]), s["method"], fontsize=7, color="grey", va="bottom",
+                     transform=ax2.get_yaxis_transform())  # fmt: skip
     ax1.set_xlabel("candidates")
     ax1.set_ylabel("best search fitness so far (zoo_search), mean over seeds")
     ax1.legend(fontsize=8)
