@@ -27,20 +27,18 @@ def _sources(zoo: dict[str, Path]) -> list[str]:
     return [str(p) for name, p in sorted(zoo.items()) if name != "base"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(quick_zoo, local_ray, tmp_path_factory) -> Path:
-    """A finished 6-candidate search with MLflow tracking in its run dir; its config names the models relative to
-    the directory it runs from (as `models: {base: zoo/base}` does), the recipes must not."""
+def _search(zoo: dict[str, Path], out: Path) -> Path:
+    """A finished 6-candidate search with MLflow tracking in `out`; its config names the models relative to the
+    directory it runs from (as `models: {base: zoo/base}` does), the recipes must not."""
     from evomerge.config import parse_config
     from evomerge.runtime.run import create_run_dir, execute
 
-    out = tmp_path_factory.mktemp("export") / "run"
-    cwd = quick_zoo["base"].parent.parent
+    cwd = zoo["base"].parent.parent
     data = {
         "name": "export-test",
         "models": {
-            "base": str(quick_zoo["base"].relative_to(cwd)),
-            "sources": [str(Path(s).relative_to(cwd)) for s in _sources(quick_zoo)],
+            "base": str(zoo["base"].relative_to(cwd)),
+            "sources": [str(Path(s).relative_to(cwd)) for s in _sources(zoo)],
         },  # fmt: skip
         "space": {"type": "task_vector", "low": 0.0, "high": 1.2},
         "strategy": {"name": "random"},
@@ -56,8 +54,7 @@ def run_dir(quick_zoo, local_ray, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def exported(run_dir) -> Path:
+def _export(run_dir: Path) -> Path:
     """`evomerge export RUN OUT --verify --register`: the best candidate, sharded."""
     out = run_dir.parent / "best"
     argv = [
@@ -74,6 +71,24 @@ def exported(run_dir) -> Path:
     assert result.exit_code == 0, result.output
     assert "verified: 4 task scores" in result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(quick_zoo, local_ray, tmp_path_factory) -> Path:
+    """The search on the quick zoo: real models and recipes for export's plumbing."""
+    return _search(quick_zoo, tmp_path_factory.mktemp("export") / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir) -> Path:
+    return _export(run_dir)
+
+
+@pytest.fixture(scope="module")
+def skilled_run_dir(zoo, local_ray, tmp_path_factory) -> Path:
+    """The search on the trained zoo: its best scores above 0 on the search items, so a tampered export's scores
+    differ from the journal's (the quick zoo's merges score 0 everywhere, tampered or not)."""
+    return _search(zoo, tmp_path_factory.mktemp("export_skilled") / "run")
 
 
 def _load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -214,7 +229,9 @@ def _tamper(model_dir: Path) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
 
 
-def test_verify_passes_on_the_export_and_fails_on_a_tampered_copy(exported, tmp_path):
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
+def test_verify_passes_on_the_export_and_fails_on_a_tampered_copy(skilled_run_dir, tmp_path):
+    exported = _export(skilled_run_dir)
     result = runner.invoke(app, ["verify", str(exported)])
     assert result.exit_code == 0, result.output
     assert "verified" in result.output
@@ -226,7 +243,8 @@ def test_verify_passes_on_the_export_and_fails_on_a_tampered_copy(exported, tmp_
     assert "verify failed for candidate" in result.output and "in the journal" in result.output
 
 
-def test_export_whose_verify_fails_writes_nothing(run_dir, tmp_path, monkeypatch):
+@pytest.mark.slow  # the trained zoo (~3.5 min to build)
+def test_export_whose_verify_fails_writes_nothing(skilled_run_dir, tmp_path, monkeypatch):
     real = export_mod.materialize
 
     def tampered(*args, **kwargs):
@@ -236,7 +254,9 @@ def test_export_whose_verify_fails_writes_nothing(run_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(export_mod, "materialize", tampered)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["export", str(run_dir), str(out), "--verify", "--max-shard-size", SHARD])
+    result = runner.invoke(
+        app, ["export", str(skilled_run_dir), str(out), "--verify", "--max-shard-size", SHARD]
+    )
     assert result.exit_code == 1, result.output
     assert "verify failed" in result.output and "nothing written" in result.output
     _no_leftovers(tmp_path, "out")
