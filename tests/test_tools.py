@@ -47,8 +47,9 @@ def test_bench_eval(quick_zoo):
 
 
 def test_bench_merge(tmp_path):
-    out = _run("bench_merge.py", "--tiny", "--work", str(tmp_path))
-    assert "evomerge" in out and "mergekit" in out
+    out = _run("bench_merge.py", "--tiny", "--methods", "ties", "della", "--work", str(tmp_path))
+    assert "evomerge" in out and "mergekit" in out and "random" in out
+    assert "bf16_95m" in out and "fp32_111m" in out
 
 
 def test_bench_stream(tmp_path):

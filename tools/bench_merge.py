@@ -1,10 +1,11 @@
 """evomerge merge vs mergekit-yaml, whole process, same YAML, in one run: wall time and peak RSS.
 
-Builds a synthetic ~100M-parameter Llama (a base and three experts, bf16 safetensors) under --work, then
-runs each config through both tools as separate processes (`/usr/bin/time` reports peak RSS), checks the
-two outputs agree, and prints the figures and their ratios.
+Builds synthetic Llamas (a base and three experts per shape: bf16 95M and fp32 111M parameters) under --work,
+then runs each method's config through both tools as separate processes (`/usr/bin/time` reports peak RSS),
+checks the two outputs agree (deterministic methods), and prints the figures and their ratios.
 
-    python tools/bench_merge.py [--work /tmp/evomerge_bench] [--repeats 1] [--tiny]
+    python tools/bench_merge.py [--work /tmp/evomerge_bench] [--repeats 1] [--shapes bf16_95m fp32_111m]
+                                [--methods linear task_arithmetic ties ...] [--tiny]
 """
 
 from __future__ import annotations
@@ -21,8 +22,21 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-SHAPE = {"hidden": 768, "inter": 2048, "layers": 10, "vocab": 16000, "heads": 12}
+SHAPES = {
+    "bf16_95m": {
+        "hidden": 768,
+        "inter": 2048,
+        "layers": 10,
+        "vocab": 16000,
+        "heads": 12,
+        "dtype": "bfloat16",
+    },
+    "fp32_111m": {"hidden": 1024, "inter": 2816, "layers": 8, "vocab": 4096, "heads": 16, "dtype": "float32"},
+}
 TINY = {"hidden": 64, "inter": 128, "layers": 2, "vocab": 256, "heads": 4}  # --tiny: the smoke test's size
+METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della"]
+RANDOM = {"dare_ties", "della"}  # the two tools draw different masks: outputs are not compared
+SHAPE: dict = {}
 
 
 def llama_tensors(gen: torch.Generator, base: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -40,7 +54,8 @@ def llama_tensors(gen: torch.Generator, base: dict[str, torch.Tensor] | None) ->
     out = {}
     for name, shape in shapes.items():
         noise = torch.randn(shape, generator=gen)
-        out[name] = (noise * 0.02 if base is None else base[name].float() + noise * 0.002).to(torch.bfloat16)
+        dtype = getattr(torch, SHAPE["dtype"])
+        out[name] = (noise * 0.02 if base is None else base[name].float() + noise * 0.002).to(dtype)
     return out
 
 
@@ -49,7 +64,7 @@ def build_models(work: Path) -> dict[str, Path]:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": SHAPE["hidden"],
         "intermediate_size": SHAPE["inter"], "num_hidden_layers": SHAPE["layers"], "num_attention_heads": SHAPE["heads"],
         "num_key_value_heads": SHAPE["heads"], "vocab_size": SHAPE["vocab"], "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": SHAPE["dtype"],
     }  # fmt: skip
     paths, base = {}, None
     for i, name in enumerate(("base", "e0", "e1", "e2")):
@@ -66,19 +81,17 @@ def build_models(work: Path) -> dict[str, Path]:
     return paths
 
 
-def configs(models: dict[str, Path]) -> dict[str, dict]:
+def config(method: str, models: dict[str, Path]) -> dict:
+    """One method over the three experts (weights 1.0, 0.7, 0.5; density 0.5 where the method prunes)."""
     experts = [str(models[e]) for e in ("e0", "e1", "e2")]
-    return {
-        "ties": {
-            "merge_method": "ties", "base_model": str(models["base"]), "dtype": "bfloat16",
-            "models": [{"model": e, "parameters": {"weight": w, "density": 0.5}} for e, w in zip(experts, (1.0, 0.7, 0.5))],
-            "parameters": {"lambda": 1.0},
-        },
-        "linear": {
-            "merge_method": "linear", "dtype": "bfloat16",
-            "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, (1.0, 0.7, 0.5))],
-        },
-    }  # fmt: skip
+    extra = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01},
+             "della": {"density": 0.5, "epsilon": 0.1}}.get(method, {})  # fmt: skip
+    cfg = {"merge_method": method, "dtype": SHAPE["dtype"],
+           "models": [{"model": e, "parameters": {"weight": w, **extra}} for e, w in zip(experts, (1.0, 0.7, 0.5))]}  # fmt: skip
+    if method != "linear":
+        cfg["base_model"] = str(models["base"])
+        cfg["parameters"] = {"lambda": 1.0}
+    return cfg
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -107,41 +120,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge_bench")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and config; the best is kept")
-    parser.add_argument("--tiny", action="store_true", help="a 0.2M-parameter model: checks the script runs")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument(
+        "--tools", nargs="+", default=["evomerge", "mergekit"], choices=["evomerge", "mergekit"]
+    )
+    parser.add_argument("--tiny", action="store_true", help="0.2M-parameter models: checks the script runs")
     args = parser.parse_args()
-    if args.tiny:
-        SHAPE.update(TINY)
     bindir = Path(sys.executable).parent
-    models = build_models(args.work)
-    params = sum(t.numel() for t in load_file(models["base"] / "model.safetensors").values())
-    print(f"synthetic Llama: {params / 1e6:.1f}M parameters, bf16, base + 3 experts in {args.work}")
-    print(f"{'config':8} {'tool':10} {'wall s':>8} {'peak RSS MiB':>13}")
     rows = []
-    for name, cfg in configs(models).items():
-        cfg_path = args.work / f"{name}.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        result = {}
-        for tool in ("evomerge", "mergekit"):
-            out = args.work / f"out_{name}_{tool}"
-            best = (float("inf"), 0.0)
-            for _ in range(args.repeats):
-                shutil.rmtree(out, ignore_errors=True)
-                cmd = (
-                    [str(bindir / "evomerge"), "merge", str(cfg_path), str(out)]
-                    if tool == "evomerge"
-                    else [str(bindir / "mergekit-yaml"), str(cfg_path), str(out)]
-                )
-                best = min(best, timed(cmd))
-            result[tool] = best
-            print(f"{name:8} {tool:10} {best[0]:8.2f} {best[1]:13.0f}", flush=True)
-        diff = max_diff(args.work / f"out_{name}_evomerge", args.work / f"out_{name}_mergekit")
-        rows.append((name, result, diff))
-    print("\nratios (mergekit / evomerge; > 1 means evomerge is better)")
-    print(f"{'config':8} {'speed-up':>9} {'RSS ratio':>10} {'max |diff| (bf16 outputs)':>27}")
-    for name, r, diff in rows:
+    print(f"{'shape':10} {'method':17} {'tool':9} {'wall s':>8} {'peak RSS MiB':>13}")
+    for shape in args.shapes:
+        SHAPE.clear()
+        SHAPE.update(SHAPES[shape], **(TINY if args.tiny else {}))
+        work = args.work / (shape + ("_tiny" if args.tiny else ""))
+        models = build_models(work)
+        params = sum(t.numel() for t in load_file(models["base"] / "model.safetensors").values())
         print(
-            f"{name:8} {r['mergekit'][0] / r['evomerge'][0]:8.2f}x {r['mergekit'][1] / r['evomerge'][1]:9.2f}x {diff:27.2e}"
+            f"{shape}: synthetic Llama, {params / 1e6:.1f}M parameters, {SHAPE['dtype']}, base + 3 experts",
+            flush=True,
         )
+        for method in args.methods:
+            cfg_path = work / f"{method}.yaml"
+            cfg_path.write_text(yaml.safe_dump(config(method, models)))
+            result = {}
+            for tool in args.tools:
+                out = work / f"out_{method}_{tool}"
+                best = (float("inf"), 0.0)
+                for _ in range(args.repeats):
+                    shutil.rmtree(out, ignore_errors=True)
+                    cmd = (
+                        [str(bindir / "evomerge"), "merge", str(cfg_path), str(out)]
+                        if tool == "evomerge"
+                        else [str(bindir / "mergekit-yaml"), str(cfg_path), str(out)]
+                    )
+                    best = min(best, timed(cmd))
+                result[tool] = best
+                print(f"{shape:10} {method:17} {tool:9} {best[0]:8.2f} {best[1]:13.0f}", flush=True)
+            diff = None
+            if len(result) == 2 and method not in RANDOM:
+                diff = max_diff(work / f"out_{method}_evomerge", work / f"out_{method}_mergekit")
+            rows.append((shape, method, result, diff))
+    if len(args.tools) < 2:
+        return
+    print("\nratios (mergekit / evomerge; > 1 means evomerge is better)")
+    print(f"{'shape':10} {'method':17} {'speed-up':>9} {'RSS ratio':>10} {'max |diff|':>11}")
+    for shape, method, r, diff in rows:
+        shown = "random" if diff is None else f"{diff:.2e}"
+        print(f"{shape:10} {method:17} {r['mergekit'][0] / r['evomerge'][0]:8.2f}x "
+              f"{r['mergekit'][1] / r['evomerge'][1]:9.2f}x {shown:>11}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -189,14 +189,16 @@ def rescale_to_norm(original: Tensor, masked: Tensor, rescale: bool | str, densi
     return masked * (before / after)
 
 
-def magnitude_prune(delta: Tensor, density: float) -> Tensor:
-    """TIES trim: keep the max(1, floor(d*n)) largest |delta| entries (d <= 0 drops the delta, d >= 1 keeps all)."""
+def magnitude_prune(delta: Tensor, density: float, *, inplace: bool = False) -> Tensor:
+    """TIES trim: keep the max(1, floor(d*n)) largest |delta| entries (d <= 0 drops the delta, d >= 1 keeps all).
+    `inplace` zeroes the others in `delta` itself (no new tensor of its size)."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return delta.zero_() if inplace else torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    return delta * top_k_mask(delta.abs().flatten(), k).view_as(delta)
+    mask = top_k_mask(delta.abs().flatten(), k).view_as(delta)
+    return delta.mul_(mask) if inplace else delta * mask
 
 
 def bernoulli_prune(
@@ -307,7 +309,7 @@ def task_arithmetic_family(
         for i in range(deltas.shape[0]):
             d = density[i]
             if sparsify == "magnitude":
-                deltas[i] = magnitude_prune(deltas[i], d)
+                magnitude_prune(deltas[i], d, inplace=True)
             elif sparsify == "random":
                 deltas[i] = bernoulli_prune(deltas[i], d, rescale, gen)
             elif sparsify == "magnitude_outliers":
@@ -317,16 +319,36 @@ def task_arithmetic_family(
     w = _per_source(weight, deltas)
     deltas.mul_(w)
     if consensus is not None:
-        mask = sign_agreement(deltas, consensus).to(deltas.dtype)
-        merged = (deltas * mask).sum(0)
-        divisor = (w * mask).sum(0)
-        divisor += divisor == 0
-    else:
-        merged = deltas.sum(0)
-        divisor = sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0
+        return base + lambda_ * elected_sum(deltas, w, consensus, normalize)
+    merged = deltas.sum(0)
     if normalize:
-        merged = merged / divisor
+        merged = merged / (sum(weight) if abs(sum(weight)) >= 1e-8 else 1.0)
     return base + lambda_ * merged
+
+
+CACHE_CHUNK = 1 << 13  # elements per source and block: the K-row temporaries of a block stay in L1/L2
+
+
+def elected_sum(deltas: Tensor, w: Tensor, consensus: str, normalize: bool) -> Tensor:
+    """sum_i a_i d_i (divided by sum_i a_i w_i when normalize; a zero divisor counts as 1), with a_i the
+    agreement of d_i (the weighted deltas) with the elected sign (`sign_agreement`).
+
+    Block by block over the elements: each block's election, mask and sums run on K x CACHE_CHUNK values that
+    stay in cache, where the whole-tensor form streams K-sized temporaries through memory several times (~3x
+    slower on 2 cores). Each output element is the same expression over the same operands: bit-identical."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    wf = w.reshape(-1, 1)
+    out = torch.empty(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    for lo in range(0, flat.shape[1], CACHE_CHUNK):
+        block = flat[:, lo : lo + CACHE_CHUNK]
+        mask = sign_agreement(block, consensus).to(block.dtype)
+        merged = (block * mask).sum(0)
+        if normalize:
+            divisor = (wf * mask).sum(0)
+            divisor += divisor == 0
+            merged /= divisor
+        out[lo : lo + CACHE_CHUNK] = merged
+    return out.view(deltas.shape[1:])
 
 
 def asymmetric_magnitude_prune(delta: Tensor, density_pos: float, density_neg: float) -> Tensor:

@@ -1353,3 +1353,21 @@ def test_iso_c_alpha_scales_the_merged_delta():
 def test_iso_c_non_2d_uses_the_mean_task_vector():
     base, e1, e2 = np.zeros(4), np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.0, 0.0, -1.0, 0.0])
     close(run("iso_c", base, [e1, e2], alpha=2.0), 2.0 * (e1 + e2) / 2)
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_blockwise_election_is_bit_identical_to_the_whole_tensor_form(consensus, normalize):
+    from evomerge.merge.methods import CACHE_CHUNK, _per_source, elected_sum, sign_agreement
+
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, 2 * CACHE_CHUNK + 5, generator=g)
+    deltas[deltas.abs() < 0.3] = 0  # zeros never agree
+    w = _per_source((1.0, -0.5, 2.0), deltas)
+    deltas.mul_(w)
+    mask = sign_agreement(deltas, consensus).to(deltas.dtype)
+    want = (deltas * mask).sum(0)
+    if normalize:
+        divisor = (w * mask).sum(0)
+        want = want / (divisor + (divisor == 0))
+    assert torch.equal(elected_sum(deltas, w, consensus, normalize), want)
