@@ -28,6 +28,20 @@ def test_reads_one_tensor_equal_to_stored(pool):
     assert torch.equal(Checkpoint(pool["e1"]).read(name), stored)
 
 
+def test_read_into_fills_a_slot_straight_from_the_file_or_casts_like_read(pool):
+    ckpt = Checkpoint(pool["e1"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    stored = load_file(pool["e1"] / "model.safetensors")[name]
+    stack = torch.full((2, *stored.shape), float("nan"), dtype=stored.dtype)
+    ckpt.read_into(name, stack[1])  # a contiguous slot of the stored dtype: read directly
+    assert torch.equal(stack[1], stored) and stack[0].isnan().all()
+    wide = torch.empty(stored.shape, dtype=torch.float64)
+    ckpt.read_into(name, wide)  # another dtype: read, then cast
+    assert torch.equal(wide, stored.double())
+    with pytest.raises(RuntimeError):
+        ckpt.read_into(name, torch.empty(3, dtype=stored.dtype))  # a wrong shape is not written into
+
+
 def test_sharded_checkpoint_reads_every_shard(tmp_path, pool):
     from transformers import AutoModelForCausalLM
 

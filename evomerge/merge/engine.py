@@ -383,8 +383,10 @@ def combine_into(coefficients: list[float], stacked: torch.Tensor, target: torch
     return target
 
 
-def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
-    """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error."""
+def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor],
+                 read_into: Callable[[str, str, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """Compute one output tensor in fp32 and cast it to the job's dtype; NaN/Inf is an error. `read_into(ref,
+    name, out)`, when given, fills an input's slot of the fp32 stack directly (no buffer of its own)."""
     method = METHODS.get(job.method)
     rows = slice(None, job.vocab_rows)
     if job.vocab is not None:  # each input in the output vocabulary's order (fp32, as the method runs)
@@ -401,8 +403,14 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor]) -> to
     order = [i for i in range(len(job.inputs)) if not (separate_base and i == job.base_index)]
     # One fp32 buffer for the method's inputs: each source is read and cast straight into its slot.
     stacked = torch.empty((len(order), *anchor.shape), dtype=torch.float32, device=anchor.device)
+    direct = read_into is not None and job.vocab is None and job.vocab_rows is None
     for slot, i in enumerate(order):
-        stacked[slot].copy_(anchor if i == anchor_at else fetch(i))
+        if i == anchor_at:
+            stacked[slot].copy_(anchor)
+        elif direct:
+            read_into(*job.inputs[i], stacked[slot])
+        else:
+            stacked[slot].copy_(fetch(i))
     if coefficients is not None:
         out = combine(coefficients, stacked)
     else:
@@ -538,7 +546,8 @@ def merge_to_dir(
     jobs = {job.name: job for job in plan_.jobs}
 
     def compute(name: str) -> torch.Tensor:
-        return merge_tensor(jobs[name], lambda ref, tensor: sources[ref].read(tensor, device))
+        return merge_tensor(jobs[name], lambda ref, tensor: sources[ref].read(tensor, device),
+                            lambda ref, tensor, out: sources[ref].read_into(tensor, out))  # fmt: skip
 
     ahead = Lookahead(list(jobs), compute, lambda name: working_bytes(jobs[name]))
 
