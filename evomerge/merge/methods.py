@@ -164,14 +164,11 @@ def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     threshold = _kth_largest(magnitude, k)
-    mask = magnitude > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:
-        ties = magnitude == threshold
-        if int(torch.count_nonzero(ties)) == missing:
-            mask |= ties
-        else:
-            mask[ties.nonzero().flatten()[:missing]] = True
+    mask = magnitude >= threshold  # the k-th largest itself and every tie with it
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra > 0:  # more ties than places: the ties at the highest indices drop out
+        ties = (magnitude == threshold).nonzero().flatten()
+        mask[ties[len(ties) - extra :]] = False
     return mask
 
 
