@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -47,7 +46,6 @@ from evomerge.checkpoints import (
     open_source,
 )
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError, MergeError, ShapeMismatchError
-from evomerge.merge.lookahead import Lookahead
 from evomerge.merge.methods import METHODS, Method
 from evomerge.merge.recipe import Recipe, Slice, SliceSource, resolve
 from evomerge.merge.shards import TOKENIZER_FILES, TensorSpec, copy_files, write_weights
@@ -424,12 +422,6 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor],
     return out.to(job.dtype)
 
 
-def working_bytes(job: TensorJob) -> int:
-    """What `merge_tensor` holds for a job, to the first order: its fp32 input stack and the output."""
-    n = math.prod(job.shape)
-    return n * (4 * len(job.inputs) + job.dtype.itemsize)
-
-
 def _check_finite(job: TensorJob, out: torch.Tensor) -> None:
     # NaN/Inf anywhere makes the sum non-finite (one cheap pass); a finite tensor whose fp32 sum overflows
     # is told apart by the exact check, which only runs then.
@@ -549,18 +541,15 @@ def merge_to_dir(
         return merge_tensor(jobs[name], lambda ref, tensor: sources[ref].read(tensor, device),
                             lambda ref, tensor, out: sources[ref].read_into(tensor, out))  # fmt: skip
 
-    ahead = Lookahead(list(jobs), compute, lambda name: working_bytes(jobs[name]))
-
     def produce(spec: TensorSpec) -> torch.Tensor:
-        t = ahead.get(spec.name)
+        t = compute(spec.name)
         if on_tensor:
             on_tensor(jobs[spec.name])
         return t
 
     try:
         specs = [TensorSpec(j.name, j.shape, j.dtype) for j in plan_.jobs]
-        with ahead:
-            write_weights(tmp, specs, produce, max_shard_bytes)
+        write_weights(tmp, specs, produce, max_shard_bytes)
         _copy_side_files(plan_, sources, tmp, recipe.chat_template)
         (tmp / "evomerge_recipe.yaml").write_text(dump_recipe_yaml(recipe))
         if out.exists():

@@ -219,10 +219,29 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool
     n = delta.numel()
     n_keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - n_keep - n_top)
-    order = torch.sort(delta.abs().flatten(), stable=True).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[n_bot : n_bot + n_keep]] = 1
+    magnitude = delta.abs().flatten()
+    mask = lowest_m_mask(magnitude, n_bot + n_keep) & ~lowest_m_mask(magnitude, n_bot)
     return rescale_to_norm(delta, delta * mask.view_as(delta), rescale, density)
+
+
+def lowest_m_mask(values: Tensor, m: int) -> Tensor:
+    """Boolean mask of the first m entries of a stable ascending sort of a flat tensor (equal values: the lower
+    index first), by one O(n) selection instead of the sort."""
+    n = values.numel()
+    if m >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    if m <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if values.device.type == "cpu":
+        threshold = float(np.partition(values.detach().numpy(), m - 1)[m - 1])
+    else:
+        threshold = float(values.kthvalue(m).values)
+    mask = values <= threshold
+    extra = int(torch.count_nonzero(mask)) - m
+    if extra > 0:  # ties past the m-th place: those at the highest indices drop out
+        ties = (values == threshold).nonzero().flatten()
+        mask[ties[len(ties) - extra :]] = False
+    return mask
 
 
 def della_prune(
@@ -242,7 +261,9 @@ def della_prune(
             f"della: density +/- epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})"
         )
     rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.view(1, -1)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(rows.dtype)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    positions = torch.arange(rows.shape[1], dtype=rows.dtype, device=rows.device).expand_as(rows)
+    ranks = torch.empty_like(rows).scatter_(1, order, positions)  # the inverse permutation: one sort, not two
     width = rows.shape[1] - 1
     rank_norm = ranks / width if width > 0 else torch.full_like(rows, 0.5)
     keep_prob = (density - epsilon) + 2 * epsilon * rank_norm
@@ -323,7 +344,7 @@ def task_arithmetic_family(
     return base + lambda_ * merged
 
 
-CACHE_CHUNK = 1 << 13  # elements per source and block: the K-row temporaries of a block stay in L1/L2
+CACHE_CHUNK = 1 << 16  # elements per source and block: the K-row temporaries of a block stay in L2
 
 
 def elected_sum(deltas: Tensor, w: Tensor, consensus: str, normalize: bool) -> Tensor:
@@ -331,7 +352,7 @@ def elected_sum(deltas: Tensor, w: Tensor, consensus: str, normalize: bool) -> T
     agreement of d_i (the weighted deltas) with the elected sign (`sign_agreement`).
 
     Block by block over the elements: each block's election, mask and sums run on K x CACHE_CHUNK values that
-    stay in cache, where the whole-tensor form streams K-sized temporaries through memory several times (~3x
+    stay in cache, where the whole-tensor form streams K-sized temporaries through memory several times (~2.4x
     slower on 2 cores). Each output element is the same expression over the same operands: bit-identical."""
     flat = deltas.reshape(deltas.shape[0], -1)
     wf = w.reshape(-1, 1)

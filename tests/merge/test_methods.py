@@ -328,6 +328,17 @@ def test_top_k_mask_equals_stable_descending_argsort(values, k):
     assert torch.equal(top_k_mask(x, k), expected)
 
 
+@HYP
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(-2, 45))
+def test_lowest_m_mask_equals_stable_ascending_sort(values, m):
+    from evomerge.merge.methods import lowest_m_mask
+
+    x = t32(values)
+    expected = torch.zeros(len(values), dtype=torch.bool)
+    expected[torch.sort(x, stable=True).indices[: max(m, 0)]] = True
+    assert torch.equal(lowest_m_mask(x, m), expected)
+
+
 # ---------------------------------------------------------------------------------------- linear
 
 
