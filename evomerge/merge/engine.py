@@ -537,14 +537,12 @@ def merge_to_dir(
 
     jobs = {job.name: job for job in plan_.jobs}
 
-    def compute(name: str) -> torch.Tensor:
-        return merge_tensor(jobs[name], lambda ref, tensor: sources[ref].read(tensor, device),
-                            lambda ref, tensor, out: sources[ref].read_into(tensor, out))  # fmt: skip
-
     def produce(spec: TensorSpec) -> torch.Tensor:
-        t = compute(spec.name)
+        job = jobs[spec.name]
+        t = merge_tensor(job, lambda ref, name: sources[ref].read(name, device),
+                         lambda ref, name, out: sources[ref].read_into(name, out))  # fmt: skip
         if on_tensor:
-            on_tensor(jobs[spec.name])
+            on_tensor(job)
         return t
 
     try:

@@ -164,10 +164,15 @@ def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     threshold = _kth_largest(magnitude, k)
-    mask = magnitude >= threshold  # the k-th largest itself and every tie with it
+    return _drop_surplus_ties(magnitude >= threshold, magnitude, threshold, k)
+
+
+def _drop_surplus_ties(mask: Tensor, values: Tensor, threshold: float, k: int) -> Tensor:
+    """`mask` holds every entry on the kept side of `threshold`, ties included; when that is more than k, the
+    ties at the highest indices drop out (equal values keep the lower index)."""
     extra = int(torch.count_nonzero(mask)) - k
-    if extra > 0:  # more ties than places: the ties at the highest indices drop out
-        ties = (magnitude == threshold).nonzero().flatten()
+    if extra > 0:
+        ties = (values == threshold).nonzero().flatten()
         mask[ties[len(ties) - extra :]] = False
     return mask
 
@@ -232,16 +237,8 @@ def lowest_m_mask(values: Tensor, m: int) -> Tensor:
         return torch.ones_like(values, dtype=torch.bool)
     if m <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
-    if values.device.type == "cpu":
-        threshold = float(np.partition(values.detach().numpy(), m - 1)[m - 1])
-    else:
-        threshold = float(values.kthvalue(m).values)
-    mask = values <= threshold
-    extra = int(torch.count_nonzero(mask)) - m
-    if extra > 0:  # ties past the m-th place: those at the highest indices drop out
-        ties = (values == threshold).nonzero().flatten()
-        mask[ties[len(ties) - extra :]] = False
-    return mask
+    threshold = _kth_largest(values, n - m + 1)  # the m-th smallest
+    return _drop_surplus_ties(values <= threshold, values, threshold, m)
 
 
 def della_prune(
