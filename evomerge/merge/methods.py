@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import ConfigError, MergeError
+from evomerge.merge import kernels
 from evomerge.registry import Registry
 
 _RESCALE_ALIASES = {True: "l1", False: "none", "true": "l1", "false": "none"}
@@ -199,6 +200,10 @@ def magnitude_prune(delta: Tensor, density: float, *, inplace: bool = False) -> 
     if density <= 0 or delta.numel() == 0:
         return delta.zero_() if inplace else torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
+    if delta.is_contiguous():
+        target = delta if inplace else delta.clone()
+        if kernels.keep_top_k_abs(target.view(-1), k):  # one fused pass; the same entries as top_k_mask
+            return target
     mask = top_k_mask(delta.abs().flatten(), k).view_as(delta)
     return delta.mul_(mask) if inplace else delta * mask
 
@@ -346,9 +351,14 @@ CACHE_CHUNK = 1 << 16  # elements per source and block: the K-row temporaries of
 
 def elected_sum(deltas: Tensor, w: Tensor, consensus: str, normalize: bool) -> Tensor:
     """sum_i a_i d_i (divided by sum_i a_i w_i when normalize; a zero divisor counts as 1), with a_i the
-    agreement of d_i (the weighted deltas) with the elected sign (`sign_agreement`).
+    agreement of d_i (the weighted deltas) with the elected sign (`sign_agreement`). One pass of the fused C
+    kernel where it is available (`kernels`), else `elected_sum_blocks`: the two are bit-identical."""
+    fused = kernels.elected_sum(deltas, w, consensus, normalize)
+    return fused if fused is not None else elected_sum_blocks(deltas, w, consensus, normalize)
 
-    Block by block over the elements: each block's election, mask and sums run on K x CACHE_CHUNK values that
+
+def elected_sum_blocks(deltas: Tensor, w: Tensor, consensus: str, normalize: bool) -> Tensor:
+    """`elected_sum` in torch. Block by block over the elements: each block's election, mask and sums run on K x CACHE_CHUNK values that
     stay in cache, where the whole-tensor form streams K-sized temporaries through memory several times (~2.4x
     slower on 2 cores). Each output element is the same expression over the same operands: bit-identical."""
     flat = deltas.reshape(deltas.shape[0], -1)

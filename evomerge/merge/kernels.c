@@ -1,0 +1,83 @@
+/* Fused per-element kernels of the merge methods (see kernels.py for why and how they are built).
+ *
+ * Each function evaluates the element-wise expression of its torch reference in methods.py in the same order,
+ * so the two agree bit for bit, and streams its inputs from memory once. Callers split [lo, hi) across threads
+ * (ctypes drops the GIL), so nothing here allocates or synchronises. Work goes in blocks of BLOCK elements:
+ * each inner loop runs over a block's contiguous elements, which the compiler vectorises, and a block's k rows
+ * are read from memory on the first pass and from L1 on the second. */
+#include <stdint.h>
+
+#define BLOCK 512
+
+/* TIES election and masked sum (methods.elected_sum): d is [k, n] row-major, the weighted deltas.
+ * elected sign = +1 when sum_i d_i (consensus 0) or sum_i sign(d_i) (consensus 1) is >= 0, else -1;
+ * a_i = 1 when sign(d_i) equals it (zeros never agree); out = sum_i d_i * a_i, divided by sum_i w_i * a_i when
+ * normalize (a zero divisor counts as 1). NaN inputs propagate as in torch (NaN * 0 is NaN). */
+void elected_sum_f32(const float *restrict d, int64_t k, int64_t n, const float *restrict w, int consensus,
+                     int normalize, float *restrict out, int64_t lo, int64_t hi) {
+    float votes[BLOCK], merged[BLOCK], divisor[BLOCK];
+    for (int64_t start = lo; start < hi; start += BLOCK) {
+        int64_t len = hi - start < BLOCK ? hi - start : BLOCK;
+        for (int64_t j = 0; j < len; j++) {
+            votes[j] = 0.0f;
+            merged[j] = 0.0f;
+            divisor[j] = 0.0f;
+        }
+        for (int64_t i = 0; i < k; i++) {
+            const float *row = d + i * n + start;
+            for (int64_t j = 0; j < len; j++) {
+                float x = row[j];
+                votes[j] += consensus ? (float)((x > 0.0f) - (x < 0.0f)) : x;
+            }
+        }
+        for (int64_t i = 0; i < k; i++) {
+            const float *row = d + i * n + start;
+            float wi = w[i];
+            for (int64_t j = 0; j < len; j++) {
+                float x = row[j];
+                float a = (float)(votes[j] >= 0.0f ? x > 0.0f : x < 0.0f);
+                merged[j] += x * a;
+                divisor[j] += wi * a;
+            }
+        }
+        for (int64_t j = 0; j < len; j++) {
+            out[start + j] = normalize ? merged[j] / (divisor[j] == 0.0f ? 1.0f : divisor[j]) : merged[j];
+        }
+    }
+}
+
+/* One pass of a magnitude selection (kernels.kth_largest_abs): counts[0] = #{j : |x_j| < lo}, counts[1] =
+ * #{j : lo <= |x_j| <= hi}, and those |x_j| are copied to band in index order when there are fewer than cap
+ * (band[m] is scratch: the caller treats counts[1] >= cap as an overflow). */
+void abs_band_f32(const float *restrict x, float lo, float hi, float *restrict band, int64_t cap,
+                  int64_t *restrict counts, int64_t start, int64_t stop) {
+    int64_t below = 0, m = 0;
+    for (int64_t j = start; j < stop; j++) {
+        float a = x[j] < 0.0f ? -x[j] : x[j];
+        below += a < lo;
+        band[m < cap ? m : cap - 1] = a; /* branch-free: a random half of the tests would mispredict */
+        m += (a >= lo) & (a <= hi);
+    }
+    counts[0] = below;
+    counts[1] = m;
+}
+
+/* TIES trim in place (methods.magnitude_prune): x_j is kept where |x_j| > thr, or |x_j| == thr and j < cut, and
+ * multiplied by 0 elsewhere (as torch's x * mask: -x stays -0, NaN stays NaN). */
+void trim_abs_f32(float *restrict x, float thr, int64_t cut, int64_t start, int64_t stop) {
+    for (int64_t j = start; j < stop; j++) {
+        float a = x[j] < 0.0f ? -x[j] : x[j];
+        x[j] *= (float)((a > thr) | ((a == thr) & (j < cut)));
+    }
+}
+
+/* The index just past the m-th x_j (m >= 1, in index order) with |x_j| == t; n when there are fewer. Where the
+ * top k has surplus ties, the first m of them are kept: trim_abs_f32's cut. */
+int64_t end_of_mth_tie_f32(const float *restrict x, int64_t n, float t, int64_t m) {
+    for (int64_t j = 0; j < n; j++) {
+        float a = x[j] < 0.0f ? -x[j] : x[j];
+        m -= a == t;
+        if (m == 0) return j + 1;
+    }
+    return n;
+}

@@ -1,0 +1,150 @@
+"""The fused C kernels against their torch references in methods.py: same bits, same tie rules, and a clean
+fallback to torch where no kernel can be built."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evomerge.merge import kernels, methods
+
+needs_kernels = pytest.mark.skipif(
+    kernels.load() is None, reason="no C compiler: the torch path is all there is"
+)
+
+
+def torch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVOMERGE_NO_KERNELS", "1")
+    kernels.load.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_load():
+    kernels.load.cache_clear()
+    yield
+    kernels.load.cache_clear()
+
+
+def weighted_deltas(k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(k, n, generator=gen)
+    d[d.abs() < 0.4] = 0  # trimmed entries never agree
+    d[:, :7] = 0  # all-zero columns: the divisor is 0 and counts as 1
+    w = torch.rand(k, 1, generator=gen) - 0.2  # a negative weight flips a vote
+    return d * w, w
+
+
+@needs_kernels
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_elected_sum_kernel_is_bit_identical_to_torch(k, consensus, normalize):
+    d, w = weighted_deltas(k, 300_001, seed=k)  # two threads, a ragged last block
+    fused = kernels.elected_sum(d, w, consensus, normalize)
+    assert fused is not None
+    assert torch.equal(fused, methods.elected_sum_blocks(d, w, consensus, normalize))
+
+
+@needs_kernels
+def test_elected_sum_kernel_with_many_sources_agrees_to_rounding():
+    """torch's sum over more than 3 rows changes its order with the block length; the kernel sums in order."""
+    d, w = weighted_deltas(6, 100_000, seed=6)
+    torch.testing.assert_close(
+        kernels.elected_sum(d, w, "sum", True), methods.elected_sum_blocks(d, w, "sum", True)
+    )
+
+
+@needs_kernels
+def test_elected_sum_kernel_propagates_nan_like_torch():
+    d, w = weighted_deltas(3, 1000, seed=0)
+    d[1, 500] = float("nan")
+    fused, reference = kernels.elected_sum(d, w, "sum", True), methods.elected_sum_blocks(d, w, "sum", True)
+    assert fused[500].isnan() and reference[500].isnan()
+    assert torch.equal(fused[:500], reference[:500])
+
+
+def tie_heavy_cases() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        torch.randn(3_000_000, generator=gen),
+        torch.randint(-3, 4, (700_000,), generator=gen).float(),  # 7 values: the k-th is tied with ~14% of n
+        (
+            torch.randn(500_000, generator=gen).bfloat16().float()
+            - torch.randn(500_000, generator=gen).bfloat16()
+        ),
+        torch.zeros(5000),
+        torch.randn(1000, generator=gen).round(),
+        torch.randn(10, generator=gen),
+        torch.tensor([-2.0, 2.0, -0.0, 0.0, 1.0]),
+    ]
+
+
+def keep_top_k_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x * methods.top_k_mask(x.abs(), k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", range(len(tie_heavy_cases())))
+def test_keep_top_k_abs_keeps_what_top_k_mask_keeps(case):
+    x = tie_heavy_cases()[case]
+    n = x.numel()
+    for k in sorted({1, 2, n // 3, n // 2, n - 1, n} - {0}):
+        trimmed = x.clone()
+        assert kernels.keep_top_k_abs(trimmed, k)
+        expected = keep_top_k_reference(x, k)
+        assert torch.equal(trimmed.view(torch.int32), expected.view(torch.int32)), (case, k)  # -0.0 included
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(-4, 4), min_size=1, max_size=300), frac=st.floats(0.0, 1.0))
+def test_keep_top_k_abs_matches_the_torch_tie_rule(values, frac):
+    x = torch.tensor(values, dtype=torch.float32) * 0.25
+    k = max(1, int(frac * x.numel()))
+    trimmed = x.clone()
+    assert kernels.keep_top_k_abs(trimmed, k)
+    assert torch.equal(trimmed, keep_top_k_reference(x, k))
+
+
+@needs_kernels
+def test_a_bracket_that_misses_falls_back_to_the_whole_tensor(monkeypatch):
+    """A sample of one repeated entry brackets nothing; the selection must still be exact."""
+
+    class SameIndex:
+        def integers(self, low, high, size):
+            return np.zeros(size, dtype=np.int64)
+
+    bands = []
+    band = kernels._band
+    monkeypatch.setattr(kernels.np.random, "default_rng", lambda seed: SameIndex())
+    monkeypatch.setattr(kernels, "_band", lambda *a: bands.append(a[2:]) or band(*a))
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(3))
+    k = x.numel() // 2
+    assert kernels.kth_largest_abs(x, k)[0] == float(x.abs().kthvalue(x.numel() - k + 1).values)
+    assert bands == [(abs(float(x[0])),) * 2, (0.0, float("inf"))]
+
+
+def test_without_kernels_the_torch_path_gives_the_same_ties_merge(monkeypatch):
+    d, w = weighted_deltas(3, 200_000, seed=4)
+    fused = (methods.magnitude_prune(d[0], 0.3), methods.elected_sum(d, w, "sum", True))
+    torch_only(monkeypatch)
+    assert kernels.load() is None
+    assert kernels.elected_sum(d, w, "sum", True) is None and not kernels.keep_top_k_abs(d[0].clone(), 5)
+    assert torch.equal(methods.magnitude_prune(d[0], 0.3), fused[0])
+    assert torch.equal(methods.elected_sum(d, w, "sum", True), fused[1])
+
+
+def test_a_failed_build_means_torch_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    assert kernels.load() is None
+    assert not list((tmp_path / "evomerge" / "kernels").glob("*.so"))  # nothing half-built is left to load
+
+
+@needs_kernels
+def test_kernels_do_not_take_what_they_cannot_handle():
+    assert kernels.elected_sum(torch.ones(2, 4, dtype=torch.float64), torch.ones(2, 1), "sum", True) is None
+    assert not kernels.keep_top_k_abs(torch.ones(8, 2)[:, 0], 3)  # not contiguous
