@@ -87,6 +87,7 @@ def load() -> ctypes.CDLL | None:
     lib.trim_abs_f32.argtypes = [ptr, f32, i64, i64, i64]
     lib.end_of_mth_tie_f32.argtypes = [ptr, i64, f32, i64]
     lib.end_of_mth_tie_f32.restype = i64
+    lib.uniform_f32.argtypes = [ptr, ctypes.c_uint64, i64, i64]
     return lib
 
 
@@ -199,3 +200,13 @@ def keep_top_k_abs(flat: Tensor, k: int) -> bool:
         [functools.partial(lib.trim_abs_f32, flat.data_ptr(), t, cut, a, b) for a, b in _ranges(flat.numel())]
     )
     return True
+
+
+def uniform(n: int, key: int) -> Tensor | None:
+    """`methods.counter_uniform` in C, or None without the kernels."""
+    lib = load()
+    if lib is None:
+        return None
+    out = torch.empty(n, dtype=torch.float32)
+    _run([functools.partial(lib.uniform_f32, out.data_ptr(), key, a, b) for a, b in _ranges(n)])
+    return out

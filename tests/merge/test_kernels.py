@@ -148,3 +148,25 @@ def test_a_failed_build_means_torch_not_an_error(monkeypatch, tmp_path):
 def test_kernels_do_not_take_what_they_cannot_handle():
     assert kernels.elected_sum(torch.ones(2, 4, dtype=torch.float64), torch.ones(2, 1), "sum", True) is None
     assert not kernels.keep_top_k_abs(torch.ones(8, 2)[:, 0], 3)  # not contiguous
+
+
+@pytest.mark.parametrize("key", [0, 1, 2**62 + 12345, 2**63 - 2])
+def test_counter_uniform_has_the_same_bits_with_and_without_kernels(monkeypatch, key):
+    drawn = methods.counter_uniform((1000, 301), key)
+    torch_only(monkeypatch)
+    assert torch.equal(methods.counter_uniform((1000, 301), key), drawn)
+
+
+def test_counter_uniform_is_uniform_on_24_bit_floats():
+    u = methods.counter_uniform((1_000_000,), 7)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, (u * 2**24).floor())
+    counts = torch.histc(u, bins=20, min=0.0, max=1.0)
+    assert float(((counts - 50_000) ** 2 / 50_000).sum()) < 45  # chi-square, 19 dof: p ~ 0.001
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.005  # neighbours independent
+
+
+def test_counter_uniform_depends_on_the_key_only():
+    a, b = methods.counter_uniform((50_000,), 3), methods.counter_uniform((50_000,), 4)
+    assert torch.equal(a[:1000], methods.counter_uniform((1000,), 3))  # element j does not depend on n
+    assert float((a == b).float().mean()) < 0.001
