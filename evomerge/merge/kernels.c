@@ -94,3 +94,16 @@ void uniform_f32(float *restrict out, uint64_t key, int64_t start, int64_t stop)
         out[j] = (float)(z >> 40) * 0x1p-24f;
     }
 }
+
+/* Breadcrumbs' band in place (methods.breadcrumbs_prune): x_j is kept where it is among the first m2 but not
+ * the first m1 of a stable ascending sort of |x|. The first m of that sort are |x_j| < t, and |x_j| == t at
+ * j < cut (kernels.lowest_cut gives t and cut for each m); elsewhere x_j is multiplied by 0. */
+void keep_abs_band_f32(float *restrict x, float t1, int64_t cut1, float t2, int64_t cut2, int64_t start,
+                       int64_t stop) {
+    for (int64_t j = start; j < stop; j++) {
+        float a = x[j] < 0.0f ? -x[j] : x[j];
+        int first1 = (a < t1) | ((a == t1) & (j < cut1));
+        int first2 = (a < t2) | ((a == t2) & (j < cut2));
+        x[j] *= (float)(first2 & !first1);
+    }
+}

@@ -88,6 +88,7 @@ def load() -> ctypes.CDLL | None:
     lib.end_of_mth_tie_f32.argtypes = [ptr, i64, f32, i64]
     lib.end_of_mth_tie_f32.restype = i64
     lib.uniform_f32.argtypes = [ptr, ctypes.c_uint64, i64, i64]
+    lib.keep_abs_band_f32.argtypes = [ptr, f32, i64, f32, i64, i64, i64]
     return lib
 
 
@@ -199,6 +200,33 @@ def keep_top_k_abs(flat: Tensor, k: int) -> bool:
     _run(
         [functools.partial(lib.trim_abs_f32, flat.data_ptr(), t, cut, a, b) for a, b in _ranges(flat.numel())]
     )
+    return True
+
+
+def lowest_cut(lib: ctypes.CDLL, flat: Tensor, m: int) -> tuple[float, int]:
+    """(t, cut): the first m entries of a stable ascending sort of |x| are those with |x| < t, and those with
+    |x| == t at indices below cut."""
+    n = flat.numel()
+    if m <= 0:
+        return 0.0, 0
+    if m >= n:
+        return math.inf, n
+    t, above, equal = kth_largest_abs(flat, n - m + 1)  # type: ignore[misc]  # usable: checked by the caller
+    return t, lib.end_of_mth_tie_f32(flat.data_ptr(), n, t, m - (n - above - equal))
+
+
+def keep_abs_band(flat: Tensor, m1: int, m2: int) -> bool:
+    """In place, zero all but positions [m1, m2) of a stable ascending sort of |x| (`methods.lowest_m_mask`'s
+    rule, twice), by two selections and one pass; False (and `flat` untouched) where the kernels do not apply."""
+    lib = _usable(flat)
+    if lib is None:
+        return False
+    (t1, cut1), (t2, cut2) = lowest_cut(lib, flat, m1), lowest_cut(lib, flat, m2)
+    calls = [
+        functools.partial(lib.keep_abs_band_f32, flat.data_ptr(), t1, cut1, t2, cut2, a, b)
+        for a, b in _ranges(flat.numel())
+    ]
+    _run(calls)
     return True
 
 

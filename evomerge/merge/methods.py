@@ -264,6 +264,10 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool
     n = delta.numel()
     n_keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - n_keep - n_top)
+    if delta.is_contiguous():
+        band = delta.clone()
+        if kernels.keep_abs_band(band.view(-1), n_bot, n_bot + n_keep):  # the same entries as the masks below
+            return rescale_to_norm(delta, band, rescale, density)
     magnitude = delta.abs().flatten()
     mask = lowest_m_mask(magnitude, n_bot + n_keep) & ~lowest_m_mask(magnitude, n_bot)
     return rescale_to_norm(delta, delta * mask.view_as(delta), rescale, density)

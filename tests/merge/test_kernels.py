@@ -99,6 +99,18 @@ def test_keep_top_k_abs_keeps_what_top_k_mask_keeps(case):
 
 
 @needs_kernels
+@pytest.mark.parametrize("case", range(len(tie_heavy_cases())))
+def test_keep_abs_band_keeps_what_breadcrumbs_masks_keep(case):
+    x = tie_heavy_cases()[case]
+    n = x.numel()
+    for m1, m2 in [(0, n), (0, 1), (n // 3, n // 2), (n - 1, n), (1, n - 1), (n // 2, n // 2), (0, 0), (n, n)]:
+        band = x.clone()
+        assert kernels.keep_abs_band(band, m1, m2)
+        expected = x * (methods.lowest_m_mask(x.abs(), m2) & ~methods.lowest_m_mask(x.abs(), m1))
+        assert torch.equal(band.view(torch.int32), expected.view(torch.int32)), (case, m1, m2)
+
+
+@needs_kernels
 @settings(max_examples=60, deadline=None)
 @given(values=st.lists(st.integers(-4, 4), min_size=1, max_size=300), frac=st.floats(0.0, 1.0))
 def test_keep_top_k_abs_matches_the_torch_tie_rule(values, frac):
