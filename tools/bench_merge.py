@@ -1,26 +1,40 @@
-"""evomerge merge vs mergekit-yaml, whole process, same YAML, in one run: wall time and peak RSS.
+"""evomerge merge vs mergekit-yaml, whole process, same YAML, in one run: wall time and peak RSS; then a
+streamed merge of checkpoints larger than half the RAM beside its floor.
 
 Builds synthetic Llamas (a base and three experts per shape: bf16 95M and fp32 111M parameters) under --work,
 then runs each method's config through both tools as separate processes (`/usr/bin/time` reports peak RSS),
 checks the two outputs agree (deterministic methods), and prints the figures and their ratios.
 
+The streamed row (--stream-gib, by default three bf16 models that together hold 55% of the RAM) times
+`evomerge merge` of a TIES recipe (base + 2 experts) against its floor, measured in the same run: reading
+every input shard once, with a cold page cache (the files' pages evicted by posix_fadvise) and a warm one, plus
+the merge's arithmetic timed in memory on one layer (inputs already read) and scaled by element count.
+
     python tools/bench_merge.py [--work /tmp/evomerge_bench] [--repeats 1] [--shapes bf16_95m fp32_111m]
-                                [--methods linear task_arithmetic ties ...] [--tiny]
+                                [--methods linear task_arithmetic ties ...] [--stream-gib G] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import yaml
+from bench_stream import build as build_stream_models
+from bench_stream import recipe as stream_recipe
 from safetensors.torch import load_file, save_file
+
+from evomerge.merge.engine import merge_tensor, open_recipe_sources, plan
+from evomerge.merge.mergekit_io import recipe_from_dict
 
 SHAPES = {
     "bf16_95m": {
@@ -116,6 +130,89 @@ def max_diff(a: Path, b: Path) -> float:
     return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
 
 
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (clean pages only: sync first), so the next read is cold."""
+    os.sync()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_seconds(files: list[Path]) -> float:
+    """Time to read every file once, front to back, in 64 MiB reads."""
+    buf = memoryview(bytearray(64 << 20))
+    start = time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def arithmetic_seconds(recipe: dict, layer: str = "model.layers.0.") -> tuple[float, float]:
+    """(seconds for one layer's tensors, that scaled to the whole model by element count): merge_tensor in this
+    process on inputs already in memory, the best of 3 runs."""
+    parsed = recipe_from_dict(recipe)
+    sources = open_recipe_sources(parsed)
+    jobs = plan(parsed, sources).jobs
+    ours = [j for j in jobs if j.name.startswith(layer)]
+    inputs = {ref_name: sources[ref_name[0]].read(ref_name[1]).clone() for j in ours for ref_name in j.inputs}
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for job in ours:
+            merge_tensor(job, lambda ref, name: inputs[(ref, name)])
+        best = min(best, time.perf_counter() - start)
+    scale = sum(math.prod(j.shape) for j in jobs) / sum(math.prod(j.shape) for j in ours)
+    return best, best * scale
+
+
+def stream_row(work: Path, gib: float, tiny: bool) -> None:
+    """The streamed merge and its floor (cold and warm page cache), printed."""
+    shard_bytes = (8 if tiny else 1024) << 20
+    shape = {"hidden": 64, "vocab": 256} if tiny else {"hidden": 2048, "vocab": 32000}
+    marker = work / "built.json"
+    if not marker.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t = time.perf_counter()
+        paths, nbytes, _ = build_stream_models(work, gib, 2, shard_bytes, **shape)
+        marker.write_text(json.dumps({"model_bytes": nbytes}))
+        print(f"built 3 x {nbytes / 1024**3:.2f} GiB in {time.perf_counter() - t:.0f} s", flush=True)
+    paths = {name: work / name for name in ("base", "e0", "e1")}
+    files = sorted(f for p in paths.values() for f in p.glob("*.safetensors"))
+    inputs = sum(f.stat().st_size for f in files)
+    recipe = stream_recipe(paths, "ties")
+    cfg = work / "ties.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"\nstreamed TIES merge: base + 2 experts, bf16, {inputs / 1024**3:.2f} GiB of inputs "
+          f"({inputs / ram:.0%} of the RAM), hidden {shape['hidden']}, vocab {shape['vocab']}", flush=True)  # fmt: skip
+    evict(files)
+    cold = read_seconds(files)
+    warm = read_seconds(files)
+    layer, arithmetic = arithmetic_seconds(recipe)
+    print(f"read every shard once: cold {cold:.1f} s ({inputs / cold / 1e9:.2f} GB/s), warm {warm:.1f} s "
+          f"({inputs / warm / 1e9:.2f} GB/s); arithmetic in memory: {layer:.3f} s for layer 0, "
+          f"{arithmetic:.1f} s scaled to the model", flush=True)  # fmt: skip
+    out = work / "out"
+    cmd = [str(Path(sys.executable).parent / "evomerge"), "merge", str(cfg), str(out), "--force"]
+    print(f"{'cache':6} {'floor s':>8} {'merge s':>8} {'merge / floor':>14} {'peak RSS MiB':>13}")
+    for cache, read in (("cold", cold), ("warm", warm)):
+        shutil.rmtree(out, ignore_errors=True)
+        if cache == "cold":
+            evict(files)
+        else:
+            read_seconds(files)
+        wall, rss = timed(cmd)
+        floor = read + arithmetic
+        print(f"{cache:6} {floor:8.1f} {wall:8.1f} {wall / floor:13.2f}x {rss:13.0f}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "evomerge_bench")
@@ -126,7 +223,13 @@ def main() -> None:
         "--tools", nargs="+", default=["evomerge", "mergekit"], choices=["evomerge", "mergekit"]
     )
     parser.add_argument("--tiny", action="store_true", help="0.2M-parameter models: checks the script runs")
+    parser.add_argument("--stream-gib", type=float, default=None,
+                        help="size of each streamed model (default: 3 of them fill 55%% of the RAM; 0 skips)")  # fmt: skip
     args = parser.parse_args()
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    stream_gib = (
+        args.stream_gib if args.stream_gib is not None else (0.005 if args.tiny else 0.55 * ram_gib / 3)
+    )
     bindir = Path(sys.executable).parent
     rows = []
     print(f"{'shape':10} {'method':17} {'tool':9} {'wall s':>8} {'peak RSS MiB':>13}")
@@ -161,8 +264,13 @@ def main() -> None:
             if len(result) == 2 and method not in RANDOM:
                 diff = max_diff(work / f"out_{method}_evomerge", work / f"out_{method}_mergekit")
             rows.append((shape, method, result, diff))
-    if len(args.tools) < 2:
-        return
+    if len(args.tools) == 2:
+        print_ratios(rows)
+    if stream_gib > 0 and "evomerge" in args.tools:
+        stream_row(args.work / f"stream_{stream_gib:g}gib", stream_gib, args.tiny)
+
+
+def print_ratios(rows: list) -> None:
     print("\nratios (mergekit / evomerge; > 1 means evomerge is better)")
     print(f"{'shape':10} {'method':17} {'speed-up':>9} {'RSS ratio':>10} {'max |diff|':>11}")
     for shape, method, r, diff in rows:
