@@ -107,3 +107,43 @@ void keep_abs_band_f32(float *restrict x, float t1, int64_t cut1, float t2, int6
         x[j] *= (float)(first2 & !first1);
     }
 }
+
+/* DELLA's magnitude ranks (methods.della_prune): for each row r in [start, stop) of x [rows, len],
+ * out[r, j] = the position of entry j in a stable ascending sort of |x[r, :]|, as a float (exact below 2^24).
+ * An LSD radix sort on the bits of |x| (which order like the values, NaN last as in torch), 8 bits a pass,
+ * passes where every key has the same digit skipped: stable like torch.argsort(stable=True), O(len) per row.
+ * scratch holds 4 * len uint32 for the thread. */
+void abs_ranks_f32(const float *restrict x, int64_t len, float *restrict out, uint32_t *restrict scratch,
+                   int64_t start, int64_t stop) {
+    for (int64_t r = start; r < stop; r++) {
+        const uint32_t *row = (const uint32_t *)(x + r * len);
+        uint32_t *key = scratch, *idx = scratch + len, *key2 = scratch + 2 * len, *idx2 = scratch + 3 * len;
+        int64_t hist[4][256] = {{0}};
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t k = row[j] & 0x7fffffffu;
+            key[j] = k;
+            idx[j] = (uint32_t)j;
+            hist[0][k & 255]++;
+            hist[1][(k >> 8) & 255]++;
+            hist[2][(k >> 16) & 255]++;
+            hist[3][k >> 24]++;
+        }
+        for (int pass = 0; pass < 4; pass++) {
+            int shift = 8 * pass;
+            if (hist[pass][(key[0] >> shift) & 255] == len) continue; /* one digit: the order stands */
+            int64_t offset[256], sum = 0;
+            for (int d = 0; d < 256; d++) {
+                offset[d] = sum;
+                sum += hist[pass][d];
+            }
+            for (int64_t j = 0; j < len; j++) {
+                int64_t at = offset[(key[j] >> shift) & 255]++;
+                key2[at] = key[j];
+                idx2[at] = idx[j];
+            }
+            uint32_t *t = key; key = key2; key2 = t;
+            t = idx; idx = idx2; idx2 = t;
+        }
+        for (int64_t p = 0; p < len; p++) out[r * len + idx[p]] = (float)p;
+    }
+}

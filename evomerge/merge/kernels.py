@@ -89,6 +89,7 @@ def load() -> ctypes.CDLL | None:
     lib.end_of_mth_tie_f32.restype = i64
     lib.uniform_f32.argtypes = [ptr, ctypes.c_uint64, i64, i64]
     lib.keep_abs_band_f32.argtypes = [ptr, f32, i64, f32, i64, i64, i64]
+    lib.abs_ranks_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64]
     return lib
 
 
@@ -237,4 +238,21 @@ def uniform(n: int, key: int) -> Tensor | None:
         return None
     out = torch.empty(n, dtype=torch.float32)
     _run([functools.partial(lib.uniform_f32, out.data_ptr(), key, a, b) for a, b in _ranges(n)])
+    return out
+
+
+def abs_ranks(rows: Tensor) -> Tensor | None:
+    """For each row of a [rows, len] fp32 tensor, the position of every entry in a stable ascending sort of the
+    row's |x|, as floats (`methods.della_prune`'s ranks); None where the kernels do not apply or len >= 2^24.
+    A radix sort per row: ~10x faster than torch.argsort plus the scatter that inverts it."""
+    lib = _usable(rows)
+    if lib is None or rows.dim() != 2 or rows.shape[1] >= 1 << 24:
+        return None
+    n_rows, length = rows.shape
+    out = torch.empty_like(rows)
+    threads = min(torch.get_num_threads(), max(1, rows.numel() // MIN_SPLIT), n_rows)
+    step = -(-n_rows // threads)
+    scratch = torch.empty(threads, 4 * length, dtype=torch.int32)
+    _run([functools.partial(lib.abs_ranks_f32, rows.data_ptr(), length, out.data_ptr(), scratch[i].data_ptr(), lo,
+                            min(n_rows, lo + step)) for i, lo in enumerate(range(0, n_rows, step))])  # fmt: skip
     return out

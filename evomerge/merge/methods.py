@@ -302,9 +302,11 @@ def della_prune(
             f"della: density +/- epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})"
         )
     rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.view(1, -1)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
-    positions = torch.arange(rows.shape[1], dtype=rows.dtype, device=rows.device).expand_as(rows)
-    ranks = torch.empty_like(rows).scatter_(1, order, positions)  # the inverse permutation: one sort, not two
+    ranks = kernels.abs_ranks(rows)
+    if ranks is None:
+        order = torch.argsort(rows.abs(), dim=1, stable=True)
+        positions = torch.arange(rows.shape[1], dtype=rows.dtype, device=rows.device).expand_as(rows)
+        ranks = torch.empty_like(rows).scatter_(1, order, positions)  # the inverse permutation: one sort
     width = rows.shape[1] - 1
     rank_norm = ranks / width if width > 0 else torch.full_like(rows, 0.5)
     keep_prob = (density - epsilon) + 2 * epsilon * rank_norm

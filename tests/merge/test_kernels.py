@@ -103,7 +103,16 @@ def test_keep_top_k_abs_keeps_what_top_k_mask_keeps(case):
 def test_keep_abs_band_keeps_what_breadcrumbs_masks_keep(case):
     x = tie_heavy_cases()[case]
     n = x.numel()
-    for m1, m2 in [(0, n), (0, 1), (n // 3, n // 2), (n - 1, n), (1, n - 1), (n // 2, n // 2), (0, 0), (n, n)]:
+    for m1, m2 in [
+        (0, n),
+        (0, 1),
+        (n // 3, n // 2),
+        (n - 1, n),
+        (1, n - 1),
+        (n // 2, n // 2),
+        (0, 0),
+        (n, n),
+    ]:
         band = x.clone()
         assert kernels.keep_abs_band(band, m1, m2)
         expected = x * (methods.lowest_m_mask(x.abs(), m2) & ~methods.lowest_m_mask(x.abs(), m1))
@@ -182,3 +191,37 @@ def test_counter_uniform_depends_on_the_key_only():
     a, b = methods.counter_uniform((50_000,), 3), methods.counter_uniform((50_000,), 4)
     assert torch.equal(a[:1000], methods.counter_uniform((1000,), 3))  # element j does not depend on n
     assert float((a == b).float().mean()) < 0.001
+
+
+def argsort_ranks(rows: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    return torch.empty_like(rows).scatter_(
+        1, order, torch.arange(rows.shape[1], dtype=rows.dtype).expand_as(rows)
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "rows",
+    [
+        torch.randn(300, 1024, generator=torch.Generator().manual_seed(0)),
+        torch.randint(
+            -3, 4, (50, 999), generator=torch.Generator().manual_seed(1)
+        ).float(),  # ties: index order
+        torch.zeros(3, 10),
+        torch.randn(1, 100_000, generator=torch.Generator().manual_seed(2)).bfloat16().float(),
+        torch.tensor(
+            [[float("nan"), 1.0, -0.0, 0.0, float("inf"), -1.0, 2.0**-140]]
+        ),  # NaN last, a subnormal
+        torch.randn(7, 1, generator=torch.Generator().manual_seed(3)),
+    ],
+)
+def test_abs_ranks_are_the_stable_argsort_positions(rows):
+    assert torch.equal(kernels.abs_ranks(rows), argsort_ranks(rows))
+
+
+def test_della_prune_draws_the_same_with_and_without_kernels(monkeypatch):
+    delta = torch.randn(64, 300, generator=torch.Generator().manual_seed(5))
+    fused = methods.della_prune(delta, 0.5, 0.1, "l1", torch.Generator().manual_seed(9))
+    torch_only(monkeypatch)
+    assert torch.equal(methods.della_prune(delta, 0.5, 0.1, "l1", torch.Generator().manual_seed(9)), fused)
