@@ -221,3 +221,14 @@ def test_linear_form_in_place_matches_streamed_and_the_formula(tmp_path, pool, m
     torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-6)
     for k, v in streamed.items():
         assert torch.equal(state[k], v), k
+
+
+def test_stack_buffer_reuses_one_buffer_and_grows_to_the_largest_stack():
+    from evomerge.merge.engine import StackBuffer
+
+    scratch = StackBuffer()
+    big = scratch((3, 4, 5), torch.device("cpu"))
+    small = scratch((2, 7), torch.device("cpu"))
+    assert small.data_ptr() == big.data_ptr() and small.shape == (2, 7) and small.dtype == torch.float32
+    larger = scratch((5, 100), torch.device("cpu"))
+    assert larger.shape == (5, 100) and scratch.buffer.numel() == 500
