@@ -105,14 +105,23 @@ int64_t end_of_mth_tie_f32(const float *restrict x, int64_t n, float t, int64_t 
 /* Counter-based uniforms (methods.counter_uniform): out_j = (mix(key + j * G) >> 40) * 2^-24, the 24-bit float
  * in [0, 1) from SplitMix64's output function of the j-th counter. No state: any range of j can be drawn on
  * any thread, and the torch reference computes the same bits with int64 ops. */
+static inline float counter_uniform(uint64_t key, int64_t j) {
+    uint64_t z = key + (uint64_t)j * 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    return (float)(z >> 40) * 0x1p-24f;
+}
+
 void uniform_f32(float *restrict out, uint64_t key, int64_t start, int64_t stop) {
-    for (int64_t j = start; j < stop; j++) {
-        uint64_t z = key + (uint64_t)j * 0x9e3779b97f4a7c15ULL;
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-        z ^= z >> 31;
-        out[j] = (float)(z >> 40) * 0x1p-24f;
-    }
+    for (int64_t j = start; j < stop; j++) out[j] = counter_uniform(key, j);
+}
+
+/* DARE's drop (methods.bernoulli_prune): out_j = x_j * (u_j < p), u_j the counter uniform above; one pass where
+ * torch needs the uniforms, the comparison and the product. */
+void dare_mask_f32(const float *restrict x, float *restrict out, uint64_t key, float p, int64_t start,
+                   int64_t stop) {
+    for (int64_t j = start; j < stop; j++) out[j] = x[j] * (float)(counter_uniform(key, j) < p);
 }
 
 /* Breadcrumbs' band in place (methods.breadcrumbs_prune): x_j is kept where it is among the first m2 but not

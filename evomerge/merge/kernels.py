@@ -88,6 +88,7 @@ def load() -> ctypes.CDLL | None:
     lib.end_of_mth_tie_f32.argtypes = [ptr, i64, f32, i64]
     lib.end_of_mth_tie_f32.restype = i64
     lib.uniform_f32.argtypes = [ptr, ctypes.c_uint64, i64, i64]
+    lib.dare_mask_f32.argtypes = [ptr, ptr, ctypes.c_uint64, f32, i64, i64]
     lib.keep_abs_band_f32.argtypes = [ptr, f32, i64, f32, i64, i64, i64]
     lib.abs_ranks_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64]
     return lib
@@ -255,4 +256,17 @@ def abs_ranks(rows: Tensor) -> Tensor | None:
     scratch = torch.empty(threads, 4 * length, dtype=torch.int32)
     _run([functools.partial(lib.abs_ranks_f32, rows.data_ptr(), length, out.data_ptr(), scratch[i].data_ptr(), lo,
                             min(n_rows, lo + step)) for i, lo in enumerate(range(0, n_rows, step))])  # fmt: skip
+    return out
+
+
+def dare_mask(delta: Tensor, key: int, density: float) -> Tensor | None:
+    """delta * (counter_uniform(delta.shape, key) < density) in one pass (`methods.bernoulli_prune`), or None
+    where the kernels do not apply."""
+    lib = _usable(delta)
+    if lib is None:
+        return None
+    out = torch.empty_like(delta)
+    calls = [functools.partial(lib.dare_mask_f32, delta.data_ptr(), out.data_ptr(), key, density, a, b)
+             for a, b in _ranges(delta.numel())]  # fmt: skip
+    _run(calls)
     return out

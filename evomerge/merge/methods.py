@@ -186,7 +186,10 @@ def rescale_to_norm(original: Tensor, masked: Tensor, rescale: bool | str, densi
         return masked
     if mode == "inverse_density":  # density 0 keeps nothing: return the zeros, not 0/0 = NaN
         return masked / density if isinstance(density, Tensor) or density > 0 else masked
-    before, after = original.abs().sum(), masked.abs().sum()
+    before, after = (
+        torch.linalg.vector_norm(original, 1),
+        torch.linalg.vector_norm(masked, 1),
+    )  # no |x| copies
     if before < 1e-7 or after < 1e-7:
         return masked
     return masked * (before / after)
@@ -249,8 +252,11 @@ def bernoulli_prune(
     """DARE: keep each entry with probability d, then rescale."""
     if density >= 1:
         return delta
-    keep = counter_uniform(delta.shape, draw_key(gen)) < density
-    return rescale_to_norm(delta, delta * keep, rescale, density)
+    key = draw_key(gen)
+    masked = kernels.dare_mask(delta, key, density)
+    if masked is None:
+        masked = delta * (counter_uniform(delta.shape, key) < density)
+    return rescale_to_norm(delta, masked, rescale, density)
 
 
 def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool | str) -> Tensor:

@@ -225,3 +225,10 @@ def test_della_prune_draws_the_same_with_and_without_kernels(monkeypatch):
     fused = methods.della_prune(delta, 0.5, 0.1, "l1", torch.Generator().manual_seed(9))
     torch_only(monkeypatch)
     assert torch.equal(methods.della_prune(delta, 0.5, 0.1, "l1", torch.Generator().manual_seed(9)), fused)
+
+
+def test_bernoulli_prune_keeps_the_same_entries_with_and_without_kernels(monkeypatch):
+    delta = torch.randn(3000, 101, generator=torch.Generator().manual_seed(8))
+    fused = methods.bernoulli_prune(delta, 0.3, "l1", torch.Generator().manual_seed(2))
+    torch_only(monkeypatch)
+    assert torch.equal(methods.bernoulli_prune(delta, 0.3, "l1", torch.Generator().manual_seed(2)), fused)
