@@ -187,6 +187,9 @@ def rescale_to_norm(original: Tensor, masked: Tensor, rescale: bool | str, densi
     if mode == "inverse_density":  # density 0 keeps nothing: return the zeros, not 0/0 = NaN
         return masked / density if isinstance(density, Tensor) or density > 0 else masked
     before, after = original.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
 
 
 def magnitude_prune(delta: Tensor, density: float, *, inplace: bool = False) -> Tensor:
