@@ -50,6 +50,7 @@ def test_bench_merge(tmp_path):
     out = _run("bench_merge.py", "--tiny", "--methods", "ties", "della", "--work", str(tmp_path))
     assert "evomerge" in out and "mergekit" in out and "random" in out
     assert "bf16_95m" in out and "fp32_111m" in out
+    assert "read every shard once: cold" in out and "merge / floor" in out  # the streamed row and its floor
 
 
 def test_bench_stream(tmp_path):
