@@ -430,19 +430,26 @@ def merge_tensor(job: TensorJob, read: Callable[[str, str], torch.Tensor],
     return out.to(job.dtype)
 
 
+SMALL_STACK = 1 << 20
+"""Stacks below this many elements come from malloc's heap as they are: there are no page faults to save."""
+
+
 class StackBuffer:
-    """One fp32 buffer that every tensor's input stack is carved from in turn, grown to the largest stack.
+    """One fp32 buffer that the input stacks of consecutive tensors are carved from in turn.
 
     Why: a fresh stack per tensor is a fresh mmap whose pages fault in one 4 KiB page at a time (above 32 MiB
-    glibc maps and unmaps each allocation); that was ~1/3 of a linear merge's time in process. The buffer
-    never exceeds the largest stack, which the merge needs at its peak anyway, so peak memory is unchanged."""
+    glibc maps and unmaps each allocation); that was ~1/3 of a fp32 linear merge's time in process. A stack
+    reuses the buffer while the buffer is at most twice its size, else the buffer is replaced by one of its
+    size, so what stays allocated between tensors is never more than twice what the next tensor needs."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
 
     def __call__(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         n = math.prod(shape)
-        if self.buffer is None or self.buffer.numel() < n or self.buffer.device != device:
+        if n < SMALL_STACK:
+            return torch.empty(shape, dtype=torch.float32, device=device)
+        if self.buffer is None or not n <= self.buffer.numel() <= 2 * n or self.buffer.device != device:
             self.buffer = None  # freed before the larger one is allocated
             self.buffer = torch.empty(n, dtype=torch.float32, device=device)
         return self.buffer[:n].view(shape)

@@ -223,12 +223,19 @@ def test_linear_form_in_place_matches_streamed_and_the_formula(tmp_path, pool, m
         assert torch.equal(state[k], v), k
 
 
-def test_stack_buffer_reuses_one_buffer_and_grows_to_the_largest_stack():
-    from evomerge.merge.engine import StackBuffer
+def test_stack_buffer_reuses_its_buffer_for_stacks_of_at_least_half_its_size():
+    from evomerge.merge.engine import SMALL_STACK, StackBuffer
 
+    cpu, n = torch.device("cpu"), SMALL_STACK
     scratch = StackBuffer()
-    big = scratch((3, 4, 5), torch.device("cpu"))
-    small = scratch((2, 7), torch.device("cpu"))
-    assert small.data_ptr() == big.data_ptr() and small.shape == (2, 7) and small.dtype == torch.float32
-    larger = scratch((5, 100), torch.device("cpu"))
-    assert larger.shape == (5, 100) and scratch.buffer.numel() == 500
+    first = scratch((3, n), cpu)
+    same = scratch((2, 3 * n // 2), cpu)  # the same number of elements, another shape
+    smaller = scratch((2, n), cpu)  # two thirds of the buffer
+    assert first.data_ptr() == same.data_ptr() == smaller.data_ptr()
+    assert smaller.shape == (2, n) and smaller.dtype == torch.float32
+    scratch((1, n), cpu)  # a third: a buffer of its own size replaces the big one
+    assert scratch.buffer.numel() == n
+    scratch((4, n), cpu)  # larger: replaced too
+    assert scratch.buffer.numel() == 4 * n
+    tiny = scratch((2, 7), cpu)  # small stacks come from the heap and leave the buffer alone
+    assert tiny.shape == (2, 7) and scratch.buffer.numel() == 4 * n
