@@ -256,11 +256,14 @@ def bernoulli_prune(
     return rescale_to_norm(delta, masked, rescale, density)
 
 
-def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool | str) -> Tensor:
+def breadcrumbs_prune(
+    delta: Tensor, density: float, gamma: float, rescale: bool | str, *, inplace: bool = False
+) -> Tensor:
     """Model Breadcrumbs: drop the top gamma fraction and the smallest entries, keep floor(d*n) in between.
 
     n_top = floor(gamma*n), n_keep = floor(d*n), n_bot = max(0, n - n_keep - n_top); the kept band is
     [n_bot, n_bot + n_keep) of a stable ascending sort of |delta| (explicit end, not mergekit's old -0 slice).
+    `inplace` zeroes the others in `delta` itself where it can (no rescale, the kernels); check the result.
     """
     if density >= 1:
         return delta
@@ -268,7 +271,7 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool
     n_keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - n_keep - n_top)
     if delta.is_contiguous():
-        band = delta.clone()
+        band = delta if inplace and rescale in (False, "none") else delta.clone()
         if kernels.keep_abs_band(band.view(-1), n_bot, n_bot + n_keep):  # the same entries as the masks below
             return rescale_to_norm(delta, band, rescale, density)
     magnitude = delta.abs().flatten()
@@ -377,7 +380,9 @@ def task_arithmetic_family(
             elif sparsify == "random":
                 deltas[i] = bernoulli_prune(deltas[i], d, rescale, gen)
             elif sparsify == "magnitude_outliers":
-                deltas[i] = breadcrumbs_prune(deltas[i], d, gamma[i], rescale)
+                kept = breadcrumbs_prune(deltas[i], d, gamma[i], rescale, inplace=True)
+                if kept.data_ptr() != deltas[i].data_ptr():
+                    deltas[i] = kept
             else:
                 deltas[i] = della_prune(deltas[i], d, epsilon[i], rescale, gen)
     w = _per_source(weight, deltas)
