@@ -109,7 +109,9 @@ def config(method: str, models: dict[str, Path]) -> dict:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a whole process, from GNU time."""
+    """Wall seconds and peak RSS (MiB) of a whole process, from GNU time. The page cache is synced first, so
+    no run pays for writing back what the one before it wrote."""
+    os.sync()
     with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
         proc = subprocess.run(
             ["/usr/bin/time", "-f", "%e %M", "-o", f.name, *cmd], capture_output=True, text=True
