@@ -181,7 +181,7 @@ def stream_row(work: Path, gib: float, tiny: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t = time.perf_counter()
-        paths, nbytes, _ = build_stream_models(work, gib, 2, shard_bytes, **shape)
+        _, nbytes, _ = build_stream_models(work, gib, 2, shard_bytes, **shape)
         marker.write_text(json.dumps({"model_bytes": nbytes}))
         print(f"built 3 x {nbytes / 1024**3:.2f} GiB in {time.perf_counter() - t:.0f} s", flush=True)
     paths = {name: work / name for name in ("base", "e0", "e1")}
